@@ -1,0 +1,151 @@
+"""LoRA interop: export atoms as a LoRA, and "atomize" a LoRA into atoms.
+
+Export (exact, since ``delta W`` has rank <= the number of kept atoms), for layer key ``K``:
+
+- ``diff``: ``K.diff = delta W`` (full matrix, weight-shaped);
+- ``lora``: ``K.lora_up.weight = D.T @ diag(s)  (out, r)``, ``K.lora_down.weight = C (r, in')``,
+  ``K.alpha = r`` (so the loader's scale ``alpha / r`` is 1); conv weights get the usual
+  ``(out, r, 1, 1)`` / ``(r, in, kh, kw)`` shapes. Only atoms with non-zero coefficients are
+  written; a layer without any is left out.
+
+Atomize: each layer's ``delta W`` (from ``up @ down * alpha / rank`` or ``diff``) is factored by
+SVD, ``delta W = U diag(sigma) V.T``; atoms are the columns of ``U``, read-outs the rows of ``V.T``
+and coefficients ``sigma``. Keeping every atom reproduces ``delta W``; keeping the top ``k`` is the
+best rank-``k`` approximation (Eckart-Young), so an imported LoRA prunes like trained atoms.
+A low-rank LoRA is factored through QR of its factors, never as a full matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ._atoms import AtomLayer, AtomsInfo, SparseAtoms
+
+__all__ = ["LowRankDelta", "to_lora", "atomize", "lora_deltas", "atomize_lora", "LORA_FORMATS"]
+
+LORA_FORMATS = ("lora", "diff")
+
+
+@dataclass
+class LowRankDelta:
+    """``delta W = up @ down`` reshaped to ``weight_shape``; ``up (out, r)``, ``down (r, in')``."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    weight_shape: tuple[int, ...]
+
+
+def to_lora(atoms: SparseAtoms, *, format: str = "lora",
+            dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A LoRA state dict whose module names are the layer keys."""
+    if format not in LORA_FORMATS:
+        raise ValueError(f"format must be one of {LORA_FORMATS}, got {format!r}")
+    state = {}
+    for key, layer in atoms.layers.items():
+        active = layer.coefficients != 0
+        if not bool(active.any()):
+            continue
+        if format == "diff":
+            state[f"{key}.diff"] = layer.delta().to(dtype).contiguous()
+            continue
+        kept = layer.select(active)
+        compute = torch.float64 if kept.atoms.dtype == torch.float64 else torch.float32
+        up = kept.atoms.to(compute).T * kept.coefficients.to(compute)  # (out, r)
+        down = kept.readouts.to(compute)  # (r, in')
+        rank = up.shape[1]
+        kernel = layer.weight_shape[2:]
+        if kernel:  # conv: kohya-style shapes, which every LoRA loader reshapes the same way
+            up = up.reshape(up.shape[0], rank, *([1] * len(kernel)))
+            down = down.reshape(rank, layer.weight_shape[1], *kernel)
+        state[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+        state[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(rank), dtype=dtype)
+    return state
+
+
+def lora_deltas(state_dict: Mapping[str, torch.Tensor],
+                weight_shapes: Mapping[str, tuple[int, ...]] | None = None
+                ) -> dict[str, LowRankDelta | torch.Tensor]:
+    """Each module's update from a LoRA state dict in the ``lora_up``/``lora_down``/``alpha`` or
+    ``diff`` layout: a :class:`LowRankDelta` or a full weight-shaped tensor.
+
+    ``weight_shapes`` (module -> weight shape) reshapes linear-looking factors of conv layers;
+    without it the shape follows the factors.
+    """
+    deltas: dict[str, LowRankDelta | torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if name.endswith(".diff"):
+            deltas[name[: -len(".diff")]] = tensor
+    for name in state_dict:
+        if not name.endswith(".lora_up.weight"):
+            continue
+        key = name[: -len(".lora_up.weight")]
+        down_name = f"{key}.lora_down.weight"
+        if down_name not in state_dict:
+            raise ValueError(f"LoRA tensor {name!r} has no matching {down_name!r}")
+        up = state_dict[name].float()
+        down = state_dict[down_name].float()
+        rank = down.shape[0]
+        if up.shape[1] != rank:
+            raise ValueError(f"LoRA {key!r}: lora_up has rank {up.shape[1]}, lora_down {rank}")
+        alpha = state_dict.get(f"{key}.alpha")
+        scale = float(alpha) / rank if alpha is not None else 1.0
+        shape = tuple(weight_shapes[key]) if weight_shapes and key in weight_shapes else (
+            (up.shape[0], *down.shape[1:]))
+        deltas[key] = LowRankDelta(up.reshape(up.shape[0], rank) * scale,
+                                   down.reshape(rank, -1), shape)
+    suffixes = (".diff", ".lora_up.weight", ".lora_down.weight", ".alpha")
+    leftovers = [n for n in state_dict
+                 if not any(n.endswith(s) and n[: -len(s)] in deltas for s in suffixes)]
+    if leftovers:
+        raise ValueError(f"LoRA tensor {leftovers[0]!r} is not in the lora_up/lora_down/alpha "
+                         f"or diff layout ({len(leftovers)} such tensors)")
+    return deltas
+
+
+def atomize(deltas: Mapping[str, LowRankDelta | torch.Tensor], *, rtol: float = 1e-6,
+            info: AtomsInfo | None = None) -> SparseAtoms:
+    """Atoms with coefficients from each layer's update (see the module docstring). Singular
+    values below ``rtol * sigma_max`` are dropped as numerical zeros."""
+    layers = {}
+    for key, delta in deltas.items():
+        if isinstance(delta, LowRankDelta):
+            U, sigma, Vh = _low_rank_svd(delta.up.double(), delta.down.double())
+            shape = tuple(delta.weight_shape)
+        elif isinstance(delta, torch.Tensor) and delta.ndim >= 2:
+            U, sigma, Vh = torch.linalg.svd(delta.double().reshape(delta.shape[0], -1),
+                                            full_matrices=False)
+            shape = tuple(delta.shape)
+        else:
+            raise TypeError(f"delta for {key!r} must be a LowRankDelta or a weight-shaped tensor")
+        if U.shape[0] != shape[0] or Vh.shape[1] != math.prod(shape[1:]):
+            raise ValueError(f"delta for {key!r} does not match weight shape {shape}")
+        keep = sigma > rtol * (float(sigma.max()) if sigma.numel() else 0.0)
+        U, sigma, Vh = U[:, keep], sigma[keep], Vh[keep]
+        layers[key] = AtomLayer(
+            atoms=U.T.float().contiguous(), readouts=Vh.float().contiguous(),
+            coefficients=sigma.float(), index=torch.arange(int(sigma.numel())), weight_shape=shape,
+        )
+    if not layers:
+        raise ValueError("no layer to atomize: the LoRA has no lora_up/lora_down or diff tensors")
+    info = info if info is not None else AtomsInfo(dictionary_method="lora")
+    return SparseAtoms(layers, info)
+
+
+def atomize_lora(state_dict: Mapping[str, torch.Tensor], **kwargs) -> SparseAtoms:
+    """:func:`atomize` of :func:`lora_deltas`."""
+    shapes = kwargs.pop("weight_shapes", None)
+    return atomize(lora_deltas(state_dict, shapes), **kwargs)
+
+
+def _low_rank_svd(up: torch.Tensor, down: torch.Tensor):
+    """SVD of ``up @ down`` via QR of both factors: ``up = Qu Ru``, ``down.T = Qd Rd``, so
+    ``up @ down = Qu (Ru Rd.T) Qd.T`` and only an ``r x r`` matrix is decomposed."""
+    Qu, Ru = torch.linalg.qr(up)
+    Qd, Rd = torch.linalg.qr(down.T)
+    u, sigma, vh = torch.linalg.svd(Ru @ Rd.T)
+    return Qu @ u, sigma, vh @ Qd.T
