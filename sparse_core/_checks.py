@@ -17,7 +17,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_matrix(name: str, value, *, n_cols: int | None = None, cols_of: str = "") -> torch.Tensor:
-    """Check that ``value`` is a finite 2-D floating tensor; return it unchanged."""
+    """Check that ``value`` is a 2-D floating tensor (finiteness is :func:`check_finite`, after
+    the device check); return it unchanged."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.ndim != 2:
@@ -29,7 +30,6 @@ def check_matrix(name: str, value, *, n_cols: int | None = None, cols_of: str = 
             f"{name} must have {n_cols} columns{' to match ' + cols_of if cols_of else ''}, "
             f"got shape {tuple(value.shape)}"
         )
-    check_finite(name, value)
     return value
 
 

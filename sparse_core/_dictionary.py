@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_matrix, check_nonnegative_float, check_positive_int, compute_dtype
+from ._checks import check_finite, check_matrix, check_nonnegative_float, check_positive_int, compute_dtype
 from ._lasso import lasso
 from ._omp import omp
 
@@ -76,12 +76,14 @@ def learn_dictionary(
         init: optional initial atoms ``(n_components, n_features)``; by default distinct random
             signals (normalised), drawn with ``seed``.
         seed: seeds the initialisation and the replacement of unused atoms.
-        callback: optional ``callback(iteration, atoms, error)`` after each iteration.
+        callback: optional ``callback(iteration, atoms, error)`` after each iteration; returning
+            ``True`` stops the learning there.
 
     Returns:
         :class:`DictionaryLearningResult`.
     """
     check_matrix("X", X)
+    check_finite("X", X)
     n_samples, n_features = X.shape
     check_positive_int("n_components", n_components)
     n_iter = check_positive_int("n_iter", n_iter)
@@ -101,6 +103,7 @@ def learn_dictionary(
         alpha = check_nonnegative_float("alpha", alpha)
     if init is not None:
         check_matrix("init", init, n_cols=n_features, cols_of="X (n_features)")
+        check_finite("init", init)
         if init.shape[0] != n_components:
             raise ValueError(f"init must have n_components={n_components} rows, got {tuple(init.shape)}")
 
@@ -120,8 +123,8 @@ def learn_dictionary(
         error = float((residual * residual).sum()) / total
         errors.append(error)
         replaced += _replace_atoms(atoms, residual, unused, generator)
-        if callback is not None:
-            callback(iteration, atoms, error)
+        if callback is not None and callback(iteration, atoms, error):
+            break
         if tol and len(errors) > 1 and errors[-2] - error <= tol * errors[-2]:
             break
     return DictionaryLearningResult(

@@ -203,7 +203,7 @@ def _read_header(data: bytes) -> dict:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise _Invalid(f"tensor {name!r} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_SIZES:
             raise _Invalid(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**40 for n in shape

@@ -21,7 +21,8 @@ Method, for a chunk of signals at once, from precomputed ``G = D @ D.T`` and ``X
 3. **Fallback** for those signals (and for warm starts): FISTA (Beck & Teboulle, 2009) with
    adaptive restart (O'Donoghue & Candes, 2015) on per-signal working sets (the support plus the
    worst violators), with the exact step ``1 / lambda_max(G[W, W])``, each working set's result
-   polished by the same active-set solve, until every signal's duality gap is ``<= tol * ||x||^2``.
+   polished by the same active-set solve, until every signal's duality gap is ``<= tol`` times its
+   objective (so ``tol`` bounds the relative suboptimality).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 from ._cholesky import BatchedCholesky, GramRows
 from ._select import argmax_abs, min_with_index
 from ._checks import (
+    check_finite,
     check_matrix,
     check_nonnegative_float,
     check_positive_int,
@@ -62,7 +64,8 @@ def lasso(
         X: signals ``(n_samples, n_features)``.
         dictionary: atoms as rows ``(n_components, n_features)``.
         alpha: the l1 weight, ``>= 0``, in the objective written in the module docstring.
-        tol: stop a signal when its duality gap is ``<= tol * ||x||^2`` (scikit-learn's rule).
+        tol: stop a signal when its duality gap is ``<= tol * objective``: its objective is then
+            within a factor ``1 + tol`` of the optimum.
         max_iter: bound on FISTA iterations per signal, over all working sets.
         init: optional warm start ``(n_samples, n_components)``.
         chunk_size: signals solved together; by default sized to keep work buffers small.
@@ -76,6 +79,8 @@ def lasso(
     check_matrix("X", X)
     check_matrix("dictionary", dictionary, n_cols=X.shape[1], cols_of="X (n_features)")
     check_same_device(X=X, dictionary=dictionary)
+    check_finite("X", X)
+    check_finite("dictionary", dictionary)
     dtype = compute_dtype(X, dictionary)
     D = dictionary.to(dtype)
     Xc = X.to(dtype)
@@ -114,6 +119,11 @@ def lasso_gram(
         if init.shape[0] != Xy.shape[0]:
             raise ValueError(f"init must have {Xy.shape[0]} rows like Xy, got {tuple(init.shape)}")
     check_same_device(gram=gram, Xy=Xy, norms_squared=norms_squared)
+    check_finite("gram", gram)
+    check_finite("Xy", Xy)
+    check_finite("norms_squared", norms_squared)
+    if init is not None:
+        check_finite("init", init)
 
     dtype = compute_dtype(gram, Xy)
     gram_c = gram.to(dtype)
@@ -170,8 +180,8 @@ def _lasso_gram_core(gram, Xy, norms, alpha, tol, max_iter, codes, warm):
     if warm:
         return _working_sets(gram, Xy, norms, alpha, tol, max_iter, codes)
     codes = _homotopy(GramRows(gram), Xy, alpha, min(Xy.shape[1], max_iter))
-    _, gap = _duality_gap(codes, codes @ gram - Xy, Xy, norms, alpha)
-    rest = gap > tol * norms
+    primal, gap = _duality_gap(codes, codes @ gram - Xy, Xy, norms, alpha)
+    rest = gap > tol * primal
     if not bool(rest.any()):
         return codes, 0
     codes[rest], fails = _working_sets(gram, Xy[rest], norms[rest], alpha, tol, max_iter,
@@ -243,14 +253,13 @@ def _working_sets(gram, Xy, norms, alpha, tol, max_iter, codes):
     """Working-set FISTA for the signals of ``Xy (b, m)`` from ``codes``; returns (codes,
     number unconverged)."""
     b, m = Xy.shape
-    gap_tol = tol * norms
     iterations = torch.zeros(b, dtype=torch.long, device=Xy.device)
     width = min(m, 32)
     todo = torch.arange(b, device=Xy.device)
     for _ in range(64):
         grad = codes[todo] @ gram - Xy[todo]
-        _, gap = _duality_gap(codes[todo], grad, Xy[todo], norms[todo], alpha)
-        open_ = (gap > gap_tol[todo]) & (iterations[todo] < max_iter)
+        primal, gap = _duality_gap(codes[todo], grad, Xy[todo], norms[todo], alpha)
+        open_ = (gap > tol * primal) & (iterations[todo] < max_iter)
         todo = todo[open_]
         if todo.numel() == 0:
             break
@@ -268,8 +277,8 @@ def _working_sets(gram, Xy, norms, alpha, tol, max_iter, codes):
         iterations[todo] += used
         codes[todo] = a.zero_().scatter_(1, work, sub_a)
     final_grad = codes @ gram - Xy
-    _, gap = _duality_gap(codes, final_grad, Xy, norms, alpha)
-    return codes, int((gap > gap_tol).sum())
+    primal, gap = _duality_gap(codes, final_grad, Xy, norms, alpha)
+    return codes, int((gap > tol * primal).sum())
 
 
 def _fista_polish(G, xy, a, alpha, max_iter, block=10):

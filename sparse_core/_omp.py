@@ -32,6 +32,7 @@ import torch
 from ._cholesky import BatchedCholesky, GramRows
 from ._select import argmax_abs
 from ._checks import (
+    check_finite,
     check_matrix,
     check_nonnegative_float,
     check_positive_int,
@@ -76,6 +77,8 @@ def omp(
     check_matrix("X", X)
     check_matrix("dictionary", dictionary, n_cols=X.shape[1], cols_of="X (n_features)")
     check_same_device(X=X, dictionary=dictionary)
+    check_finite("X", X)
+    check_finite("dictionary", dictionary)
     k = _check_k(n_nonzero_coefs, dictionary.shape)
     tol = None if tol is None else check_nonnegative_float("tol", tol)
     dtype = compute_dtype(X, dictionary)
@@ -115,6 +118,8 @@ def omp_gram(
         raise ValueError(f"gram must be square (n_components, n_components), got {tuple(gram.shape)}")
     check_matrix("Xy", Xy, n_cols=gram.shape[0], cols_of="gram (n_components)")
     check_same_device(gram=gram, Xy=Xy)
+    check_finite("gram", gram)
+    check_finite("Xy", Xy)
     if not bool(torch.allclose(gram, gram.T, rtol=1e-4, atol=1e-6 * float(gram.abs().max()))):
         raise ValueError("gram must be symmetric (D @ D.T), got an asymmetric matrix")
     k = check_positive_int("n_nonzero_coefs", n_nonzero_coefs, upper=gram.shape[0],
