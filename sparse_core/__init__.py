@@ -11,7 +11,8 @@ from ._dictionary import DictionaryLearningResult, learn_dictionary
 from ._synthetic import SyntheticSignals, atom_recovery, sparse_coded_signals
 from ._atoms import AtomLayer, AtomRanking, AtomsInfo, SparseAtoms
 from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
-from ._training import budget_schedule, sparse_step_, trainable_parameters
+from ._training import (TrainingResult, budget_schedule, sparse_step_, train_atoms,
+                        trainable_parameters)
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
                      load_atoms, save_atoms, tensor_name)
 from ._lora import LORA_FORMATS, LowRankDelta, atomize, atomize_lora, lora_deltas, to_lora
@@ -22,7 +23,7 @@ __all__ = [
     "SyntheticSignals", "atom_recovery", "sparse_coded_signals",
     "AtomLayer", "AtomRanking", "AtomsInfo", "SparseAtoms",
     "DICTIONARY_METHODS", "build_atoms", "build_layer",
-    "budget_schedule", "sparse_step_", "trainable_parameters",
+    "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms", "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
     "load_atoms", "save_atoms", "tensor_name",
     "LORA_FORMATS", "LowRankDelta", "atomize", "atomize_lora", "lora_deltas", "to_lora",

@@ -21,12 +21,15 @@ or not to prune*): atoms compete while the model still adapts, instead of being 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ._atoms import SparseAtoms
 
-__all__ = ["trainable_parameters", "sparse_step_", "budget_schedule"]
+__all__ = ["trainable_parameters", "sparse_step_", "budget_schedule", "TrainingResult",
+           "train_atoms"]
 
 
 def trainable_parameters(atoms: SparseAtoms, *, train_atoms: bool = True,
@@ -79,3 +82,76 @@ def budget_schedule(step: int, total_steps: int, final_budget: int, n_atoms: int
         return final_budget
     progress = (step - begin) / (finish - begin)
     return final_budget + math.ceil((n_atoms - final_budget) * (1 - progress) ** 3)
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train_atoms` did: the loss of every completed step, and why it stopped early
+    (``None`` when all steps ran)."""
+
+    losses: list[float] = field(default_factory=list)
+    stopped: str | None = None
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.losses)
+
+
+def train_atoms(
+    atoms: SparseAtoms,
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    l1: float = 0.0,
+    budget: int | None = None,
+    per_layer_budget: bool = False,
+    train_atoms: bool = True,
+    train_readouts: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainingResult:
+    """The training loop every front end shares: Adam on ``loss_fn(step)`` (a scalar computed
+    with the atoms applied), then :func:`sparse_step_` with the l1 threshold ``lr * l1`` and the
+    :func:`budget_schedule` of ``budget`` atoms.
+
+    A non-finite loss or gradient stops training *before* the optimizer touches the atoms, so
+    they keep the last good state; ``result.stopped`` says what happened. ``on_step(step, loss)``
+    runs after each completed step (progress bars, and cancelling: an exception it raises
+    propagates with the atoms left at their last completed step).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if l1 < 0:
+        raise ValueError(f"l1 must be >= 0, got {l1}")
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget must be >= 1 atom, got {budget}")
+    params = trainable_parameters(atoms, train_atoms=train_atoms, train_readouts=train_readouts)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    pool = max(layer.n_atoms for layer in atoms.layers.values()) if per_layer_budget else atoms.n_atoms
+    result = TrainingResult()
+    for step in range(steps):
+        loss = loss_fn(step)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            result.stopped = (f"loss became {value} at step {step + 1}; the atoms of step {step} "
+                              "were kept (lower the learning rate, or train in float32)")
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            result.stopped = (f"a gradient became NaN or inf at step {step + 1}; the atoms of "
+                              f"step {step} were kept (lower the learning rate, or train in float32)")
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+        current = None if budget is None else budget_schedule(step + 1, steps, budget, pool)
+        sparse_step_(atoms, l1_threshold=lr * l1, budget=current, per_layer=per_layer_budget)
+        result.losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return result

@@ -169,23 +169,59 @@ def test_budget_schedule_declines_from_all_to_the_budget():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def test_training_loop_reduces_a_loss_and_respects_the_budget():
-    """A tiny end-to-end: fit delta W to a target through the helpers, as a trainer would."""
+def fitting_problem():
+    """delta W should equal a target that uses three of the atoms."""
     torch.manual_seed(0)
-    weight = torch.randn(16, 12)
-    atoms = sc.build_atoms({"w": weight}, 12, "svd")
-    target = 0.5 * atoms["w"].atoms[:3].T @ atoms["w"].readouts[:3]  # uses 3 atoms
-    params = sc.trainable_parameters(atoms, train_atoms=False)
-    optimizer = torch.optim.Adam(params, lr=0.05)
-    losses = []
-    for step in range(150):
-        loss = (atoms.delta("w") - target).pow(2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        sc.sparse_step_(atoms, l1_threshold=0.05 * 1e-3,
-                        budget=sc.budget_schedule(step, 150, 3, atoms.n_atoms))
-        losses.append(loss.item())
-    assert losses[-1] < 1e-3 * losses[0]
+    atoms = sc.build_atoms({"w": torch.randn(16, 12)}, 12, "svd")
+    target = 0.5 * atoms["w"].atoms[:3].T @ atoms["w"].readouts[:3]
+    return atoms, lambda step: (atoms.delta("w") - target).pow(2).sum()
+
+
+def test_training_loop_reduces_the_loss_and_respects_the_budget():
+    atoms, loss = fitting_problem()
+    result = sc.train_atoms(atoms, loss, steps=150, lr=0.05, l1=1e-3, budget=3, train_atoms=False)
+    assert result.stopped is None and result.steps_done == 150
+    assert result.losses[-1] < 1e-3 * result.losses[0]
     assert atoms.n_active == 3
     assert sorted(atoms["w"].index[atoms["w"].coefficients != 0].tolist()) == [0, 1, 2]
+    assert not atoms["w"].coefficients.requires_grad
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_atoms():
+    atoms, loss = fitting_problem()
+    snapshots = []
+
+    def poisoned(step):
+        snapshots.append(atoms["w"].coefficients.detach().clone())
+        value = loss(step)
+        return value * float("nan") if step == 5 else value
+
+    result = sc.train_atoms(atoms, poisoned, steps=20, lr=0.05)
+    assert result.steps_done == 5 and "step 6" in result.stopped
+    assert torch.equal(atoms["w"].coefficients, snapshots[5])
+    assert bool(torch.isfinite(atoms["w"].atoms).all())
+
+
+def test_cancelling_from_the_step_callback_stops_within_one_step():
+    atoms, loss = fitting_problem()
+    seen = []
+
+    def on_step(step, value):
+        seen.append(step)
+        if step == 3:
+            raise KeyboardInterrupt("cancel")
+
+    with pytest.raises(KeyboardInterrupt):
+        sc.train_atoms(atoms, loss, steps=100, lr=0.05, on_step=on_step)
+    assert seen == [0, 1, 2, 3]
+    assert atoms.n_active > 0 and bool(torch.isfinite(atoms["w"].coefficients).all())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0, lr=0.1), "steps must be >= 1"), (dict(steps=1, lr=0.0), "lr must be > 0"),
+    (dict(steps=1, lr=0.1, l1=-1.0), "l1 must be >= 0"), (dict(steps=1, lr=0.1, budget=0), "budget"),
+])
+def test_bad_training_settings_are_clear_errors(kwargs, match):
+    atoms, loss = fitting_problem()
+    with pytest.raises(ValueError, match=match):
+        sc.train_atoms(atoms, loss, **kwargs)
