@@ -15,6 +15,8 @@ from ._training import (TrainingResult, budget_schedule, sparse_step_, train_ato
                         trainable_parameters)
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
                      load_atoms, save_atoms, tensor_name)
+from ._heatmap import importance_heatmap, importance_table
+from ._modules import apply_atoms, linear_weights, patched_weights
 from ._lora import LORA_FORMATS, LowRankDelta, atomize, atomize_lora, lora_deltas, to_lora
 
 __all__ = [
@@ -26,5 +28,7 @@ __all__ = [
     "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms", "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
     "load_atoms", "save_atoms", "tensor_name",
+    "importance_heatmap", "importance_table",
+    "apply_atoms", "linear_weights", "patched_weights",
     "LORA_FORMATS", "LowRankDelta", "atomize", "atomize_lora", "lora_deltas", "to_lora",
 ]

@@ -225,3 +225,25 @@ def test_bad_training_settings_are_clear_errors(kwargs, match):
     atoms, loss = fitting_problem()
     with pytest.raises(ValueError, match=match):
         sc.train_atoms(atoms, loss, **kwargs)
+
+
+def test_plain_module_patching_merges_and_restores_bit_exactly():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.GELU(), torch.nn.Conv1d(8, 4, 1))
+    weights = sc.linear_weights(net, r"\.0$|\.2$", prefix="diffusion_model.")
+    assert list(weights) == ["diffusion_model.0", "diffusion_model.2"]
+    atoms = sc.build_atoms({k: w.detach() for k, w in weights.items()}, 3, "svd")
+    for layer in atoms.layers.values():
+        layer.coefficients.normal_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    patched = sc.patched_weights(net, atoms, 0.5, prefix="diffusion_model.")
+    with sc.apply_atoms(net, atoms, 0.5, prefix="diffusion_model."):
+        assert torch.allclose(net[0].weight, before["0.weight"] + 0.5 * atoms.delta("diffusion_model.0"))
+        assert torch.allclose(net[0].weight, patched["0.weight"])
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    with pytest.raises(KeyError, match="does not start with 'other.'"):
+        sc.patched_weights(net, atoms, prefix="other.")
+    with pytest.raises(KeyError, match="has no weight '1.weight'"):
+        sc.patched_weights(net, sc.SparseAtoms({"diffusion_model.1": atoms["diffusion_model.0"]}),
+                           prefix="diffusion_model.")
