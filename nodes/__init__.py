@@ -1,0 +1,6 @@
+"""ComfyUI nodes: thin V3 wrappers over ``sparse_core`` (imported only inside ComfyUI)."""
+
+from .atom_nodes import NODES as ATOM_NODES
+from .file_nodes import NODES as FILE_NODES
+
+NODE_LIST = [*ATOM_NODES, *FILE_NODES]

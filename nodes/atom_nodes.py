@@ -1,0 +1,264 @@
+"""Build Atom Dictionary, Train Sparse Concept, Apply Sparse Atoms, Atom Mask Editor."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+import sparse_core as sc
+
+from . import masks, presets
+from .common import CATEGORY, FOLDER, AtomDict, SparseAtomsType, loss_curve, rgb_to_image, send_text
+from .patching import adaptable_layers, apply_to_model, check_fit, model_family
+from .training import Dataset, TrainSettings, train
+
+log = logging.getLogger("sparse_atoms")
+
+
+def build_dictionary(model, preset: str, layer_regex: str, atoms_per_layer: int, method: str,
+                     seed: int, progress=None) -> tuple[sc.SparseAtoms, str]:
+    """The dictionary and a one-line report of what was selected."""
+    family, architecture = model_family(model)
+    layers = adaptable_layers(model)
+    regex = presets.preset_regex(family, preset, layer_regex)
+    chosen = presets.select_layers(list(layers), regex, family=f"{family}: {architecture}", preset=preset)
+    device = model.load_device
+    weights = {key: layers[key].weight.detach().to(device) for key in chosen}
+    atoms = sc.build_atoms(weights, atoms_per_layer, method, seed=seed,
+                           info=sc.AtomsInfo(architecture=architecture), progress=progress)
+    atoms = atoms.to("cpu")
+    parameters = sum(w.numel() for w in weights.values())
+    report = (f"{len(chosen)} layers selected ({parameters:,} weights) in this {architecture} model "
+              f"({family}); {atoms.n_atoms} atoms ({method}, {atoms_per_layer} per layer)")
+    return atoms, report
+
+
+class BuildAtomDictionary(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SparseAtoms_BuildDictionary", display_name="Build Atom Dictionary",
+            category=CATEGORY,
+            description="Chooses the layers to adapt and builds a dictionary of atoms for each "
+                        "(coefficients start at zero, so the model is unchanged until trained).",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to adapt."),
+                io.Combo.Input("preset", options=presets.PRESET_NAMES, default="cross-attention k/v",
+                               tooltip="Which layers to adapt, per model family. 'cross-attention "
+                                       "k/v' binds a new word with the least effect on other prompts."),
+                io.String.Input("layer_regex", default="",
+                                tooltip="With preset 'custom regex': a regular expression searched "
+                                        "in layer names such as diffusion_model.x.attn2.to_k."),
+                io.Int.Input("atoms_per_layer", default=32, min=1, max=4096,
+                             tooltip="Atoms in each layer's dictionary ('svd' allows at most "
+                                     "min(out, in) of the layer)."),
+                io.Combo.Input("method", options=list(sc.DICTIONARY_METHODS), default="svd",
+                               tooltip="svd: principal directions of the weight; sparse: sparse "
+                                       "dictionary learning on the weight (may be overcomplete); "
+                                       "random: random orthonormal atoms."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seeds 'sparse' and 'random'."),
+            ],
+            outputs=[AtomDict.Output("atom_dict", display_name="ATOM_DICT")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, preset, layer_regex, atoms_per_layer, method, seed):
+        bar = None
+
+        def progress(done, total, key):
+            nonlocal bar
+            bar = bar or comfy.utils.ProgressBar(total)
+            bar.update_absolute(done, total)
+
+        atoms, report = build_dictionary(model, preset, layer_regex, atoms_per_layer, method, seed,
+                                         progress)
+        log.info("Build Atom Dictionary: %s", report)
+        return io.NodeOutput(atoms, ui={"text": [report]})
+
+
+class TrainSparseConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SparseAtoms_TrainConcept", display_name="Train Sparse Concept", category=CATEGORY,
+            description="Teaches the model a concept from a few images by training sparse atoms "
+                        "(l1 and an atom budget keep only a handful).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latents", tooltip="The concept's images, VAE-encoded (a batch)."),
+                io.Conditioning.Input("conditioning", tooltip="One prompt for all images, or one per image."),
+                AtomDict.Input("atom_dict", optional=True,
+                               tooltip="From Build Atom Dictionary; default: cross-attention k/v, 32 svd atoms per layer."),
+                io.Latent.Input("prior_latents", optional=True,
+                                tooltip="Prior preservation: images of the class (e.g. the base "
+                                        "model's own samples) so other prompts keep their meaning."),
+                io.Conditioning.Input("prior_conditioning", optional=True),
+                io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the prior-preservation loss."),
+                io.Int.Input("steps", default=200, min=1, max=100000),
+                io.Float.Input("learning_rate", default=0.003, min=1e-6, max=1.0, step=1e-5),
+                io.Int.Input("batch_size", default=1, min=1, max=256),
+                io.Float.Input("l1", default=0.0, min=0.0, max=100.0, step=0.001,
+                               tooltip="l1 weight on the coefficients (soft-threshold lr*l1 after each step)."),
+                io.Int.Input("atom_budget", default=24, min=0, max=1_000_000,
+                             tooltip="At most this many atoms (over the whole model) stay non-zero, "
+                                     "enforced gradually during training; 0 = no budget."),
+                io.Boolean.Input("tune_atoms", default=True,
+                                 tooltip="Train the atoms' directions too (the paper's default), not "
+                                         "only their coefficients."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Combo.Input("training_dtype", options=["fp32", "bf16"], default="fp32"),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Less memory, about a third more time per step."),
+            ],
+            outputs=[io.Model.Output("trained_model", display_name="MODEL"),
+                     SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS"),
+                     io.Image.Output("loss_curve", display_name="loss curve")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
+                atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
+                atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0):
+        concept = _dataset(latents, conditioning, "latents", "conditioning")
+        prior = None
+        if (prior_latents is None) != (prior_conditioning is None):
+            raise ValueError("prior preservation needs both prior_latents and prior_conditioning")
+        if prior_latents is not None:
+            prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
+        atoms = atom_dict
+        if atoms is None:
+            atoms, report = build_dictionary(model, "cross-attention k/v", "", 32, "svd", seed)
+            log.info("Train Sparse Concept: no ATOM_DICT given, built %s", report)
+        else:
+            check_fit(model, atoms)
+        settings = TrainSettings(steps=steps, lr=learning_rate, batch=batch_size, l1=l1,
+                                 budget=atom_budget, tune_atoms=tune_atoms, seed=seed,
+                                 dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
+                                 prior_weight=prior_weight)
+        node_id = cls.hidden.unique_id
+        bar = comfy.utils.ProgressBar(steps)
+        started = time.time()
+
+        def on_step(step, loss):
+            bar.update_absolute(step + 1, steps)
+            send_text(f"step {step + 1}/{steps}  loss {loss:.4f}", node_id)
+            comfy.model_management.throw_exception_if_processing_interrupted()
+
+        try:
+            trained, result = train(model, atoms, concept, settings, prior, on_step)
+        except comfy.model_management.InterruptProcessingException as interrupt:
+            _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
+            raise
+        trained = trained.top_k(trained.n_active)  # the atoms that carry the concept
+        trained.info.prompt = ""
+        trained.info.training = {**vars(settings), "images": len(concept.latents),
+                                 "prior_images": 0 if prior is None else len(prior.latents),
+                                 "steps_done": result.steps_done, "stopped": result.stopped,
+                                 "losses": [round(v, 6) for v in result.losses[:: max(1, len(result.losses) // 2000)]],
+                                 "seconds": round(time.time() - started, 1)}
+        message = (f"{result.steps_done} steps, final loss {result.losses[-1]:.4f}; "
+                   f"{trained.n_atoms} atoms kept of {atoms.n_atoms}") if result.losses else "no step completed"
+        if result.stopped:
+            message = f"STOPPED EARLY: {result.stopped}. {message}"
+            log.warning("Train Sparse Concept: %s", message)
+        patched = apply_to_model(model, trained, 1.0)
+        return io.NodeOutput(patched, trained, loss_curve(result.losses), ui={"text": [message]})
+
+
+def _dataset(latent, conditioning, latent_name, cond_name) -> Dataset:
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+        raise ValueError(f"{latent_name} must be a LATENT with a batch of images")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{latent_name} is an empty batch: give at least one image")
+    if not conditioning:
+        raise ValueError(f"{cond_name} is empty")
+    if len(conditioning) not in (1, samples.shape[0]):
+        raise ValueError(f"{cond_name} has {len(conditioning)} entries for {samples.shape[0]} "
+                         f"images in {latent_name}: give one conditioning, or one per image")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"{latent_name} contains NaN or inf")
+    return Dataset(samples, list(conditioning))
+
+
+def _save_interrupted(atoms, node_id) -> None:
+    """Cancelling keeps the atoms of the last completed step: they are saved (atomically) to
+    models/sparse_atoms/interrupted/ and the log says where; the input model is unchanged."""
+    if atoms is None:
+        return
+    folder = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], "interrupted")
+    path = os.path.join(folder, time.strftime("%Y%m%d-%H%M%S") + f"-node{node_id}.safetensors")
+    sc.save_atoms(atoms, path)
+    log.warning("Train Sparse Concept cancelled; the atoms of the last completed step were saved "
+                "to %s", path)
+
+
+class ApplySparseAtoms(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SparseAtoms_Apply", display_name="Apply Sparse Atoms", category=CATEGORY,
+            description="Patches W + strength * delta W of the kept atoms into the model (merged "
+                        "when the model loads: no cost per sampling step). Chain two to combine a "
+                        "concept and a style; stacks with LoRAs.",
+            inputs=[
+                io.Model.Input("model"),
+                SparseAtomsType.Input("sparse_atoms"),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Float.Input("density", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Keep the top ceil(density * N) atoms by importance."),
+            ],
+            outputs=[io.Model.Output("patched_model", display_name="MODEL")],
+        )
+
+    @classmethod
+    def execute(cls, model, sparse_atoms, strength, density):
+        kept = sparse_atoms.density(density)
+        patched = apply_to_model(model, kept, strength)
+        return io.NodeOutput(patched, ui={"text": [f"{kept.n_atoms} of {sparse_atoms.n_atoms} atoms "
+                                                   f"applied at strength {strength:g}"]})
+
+
+class AtomMaskEditor(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SparseAtoms_MaskEditor", display_name="Atom Mask Editor", category=CATEGORY,
+            description="Shows which atoms matter (layers x atoms by importance) and keeps the ones "
+                        "you choose: density selects the most important, the mask switches atoms off.",
+            inputs=[
+                SparseAtomsType.Input("sparse_atoms"),
+                io.String.Input("mask", default="", multiline=False,
+                                tooltip="Atoms switched off (JSON written by the editor widget; "
+                                        "empty keeps every atom)."),
+                io.Float.Input("density", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Keep the top ceil(density * N) atoms by importance."),
+            ],
+            outputs=[SparseAtomsType.Output("masked_atoms", display_name="SPARSE_ATOMS"),
+                     io.Image.Output("importance", display_name="importance")],
+        )
+
+    @classmethod
+    def execute(cls, sparse_atoms, mask, density):
+        off = masks.parse_mask(mask, sparse_atoms)
+        keep = masks.keep_masks(sparse_atoms, off, density)
+        kept = sparse_atoms.select(keep)
+        kept_ids = {key: set(layer.index.tolist()) for key, layer in kept.layers.items()}
+        table = sc.importance_table(sparse_atoms, kept=kept_ids)
+        picture = rgb_to_image(sc.importance_heatmap(table))
+        summary = f"{kept.n_atoms} of {sparse_atoms.n_atoms} atoms kept"
+        return io.NodeOutput(kept, picture, ui={"atom_table": [table], "text": [summary]})
+
+
+NODES = [BuildAtomDictionary, TrainSparseConcept, ApplySparseAtoms, AtomMaskEditor]

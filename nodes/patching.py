@@ -1,0 +1,123 @@
+"""Atoms in ComfyUI's model patcher: the weight patch, the training-time weight wrapper, and the
+checks that atoms fit a model before anything is patched.
+
+Both patch paths compute ``delta W`` with :meth:`sparse_core.AtomLayer.delta`, the single source.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management
+from comfy.weight_adapter import WeightAdapterBase
+
+import sparse_core as sc
+
+from .presets import family_of
+
+
+class SparseAtomsAdapter(WeightAdapterBase):
+    """A ``ModelPatcher.add_patches`` value: ``W + strength * delta W`` for one layer, merged into
+    the weight when the model loads (no per-step cost), stacked with any other patch (LoRAs)."""
+
+    name = "sparse_atoms"
+
+    def __init__(self, layer: sc.AtomLayer):
+        self.layer = layer
+        self.loaded_keys = set()
+        self.weights = [layer]
+
+    @classmethod
+    def load(cls, *args, **kwargs):
+        return None  # not a LoRA-file format: files are read by "Load Sparse Atoms"
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        if offset is not None:
+            raise ValueError(f"sparse atoms patch {key!r}: sliced (offset) patches are not supported")
+        delta = self.layer.delta().to(device=weight.device, dtype=intermediate_dtype)
+        weight += function(strength * delta).to(weight.dtype)
+        return weight
+
+
+class AtomsWeightWrapper(torch.nn.Module):
+    """Training-time ``ModelPatcher.add_weight_wrapper`` function: ``w -> w + delta W``, evaluated
+    at every forward so gradients reach the atoms."""
+
+    def __init__(self, layer: sc.AtomLayer):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, weight):
+        return weight + self.layer.delta().to(weight.dtype)
+
+    def passive_memory_usage(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.layer.atoms, self.layer.readouts,
+                                                            self.layer.coefficients))
+
+    def move_to(self, device=None):
+        return self.passive_memory_usage()  # the atoms are moved once, before training
+
+
+def adaptable_layers(model_patcher) -> dict[str, torch.nn.Module]:
+    """``{"diffusion_model.<module>": module}`` for every linear or convolution layer."""
+    layers = {}
+    for name, module in model_patcher.model.diffusion_model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) and \
+                isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+            layers[f"diffusion_model.{name}"] = module
+    return layers
+
+
+def model_family(model_patcher) -> tuple[str, str]:
+    """(preset family, architecture name) of a MODEL, e.g. ``("unet", "SDXL")``."""
+    diffusion = type(model_patcher.model.diffusion_model).__name__
+    config = getattr(model_patcher.model, "model_config", None)
+    name = getattr(config, "sparse_atoms_architecture", None) or (
+        type(config).__name__ if config is not None else type(model_patcher.model).__name__)
+    return family_of(diffusion), name
+
+
+def check_fit(model_patcher, atoms: sc.SparseAtoms) -> None:
+    """Every layer of ``atoms`` exists in the model with the same weight shape, or a clear error
+    naming the first mismatch (nothing is patched before this passes)."""
+    layers = adaptable_layers(model_patcher)
+    _, architecture = model_family(model_patcher)
+    made_for = f" (they were made for {atoms.info.architecture})" if atoms.info.architecture else ""
+    for key, layer in atoms.layers.items():
+        module = layers.get(key)
+        if module is None:
+            raise ValueError(f"these atoms do not fit this {architecture} model{made_for}: layer "
+                             f"{key!r} does not exist in it")
+        if tuple(module.weight.shape) != tuple(layer.weight_shape):
+            raise ValueError(f"these atoms do not fit this {architecture} model{made_for}: layer "
+                             f"{key!r} has shape {tuple(module.weight.shape)}, the atoms expect "
+                             f"{tuple(layer.weight_shape)}")
+
+
+def apply_to_model(model_patcher, atoms: sc.SparseAtoms, strength: float):
+    """A clone of the MODEL with ``W + strength * delta W`` patched into every layer of ``atoms``."""
+    check_fit(model_patcher, atoms)
+    patched = model_patcher.clone()
+    patches = {f"{key}.weight": SparseAtomsAdapter(layer) for key, layer in atoms.layers.items()
+               if layer.n_atoms}
+    accepted = patched.add_patches(patches, strength)
+    if len(accepted) != len(patches):
+        missing = sorted(set(patches) - set(accepted))
+        raise ValueError(f"the model refused the patch for {missing[0]!r}")
+    return patched
+
+
+def release(model_patcher) -> None:
+    """Unload a (training) clone from ComfyUI's model management and drop its weight wrappers
+    from the shared modules, so nothing of it lingers in the base model."""
+    loaded = comfy.model_management.current_loaded_models
+    for entry in list(loaded):
+        if entry.model is model_patcher:
+            entry.model_unload()
+            loaded.remove(entry)
+    for module in model_patcher.model.modules():
+        functions = getattr(module, "weight_function", None)
+        if functions:
+            module.weight_function = [f for f in functions if not isinstance(f, AtomsWeightWrapper)]

@@ -1,0 +1,230 @@
+"""Training sparse atoms through ComfyUI's own machinery (like its LoRA trainer).
+
+The conditioning, latent scaling and model loading go through a ``Guider_Basic`` whose sampler is
+our training loop: ``guider(x_t, sigma)`` is the model's own denoised prediction with the
+conditioning encoded the way sampling encodes it, for any model type (eps, v or flow), because
+noise comes from the model's ``model_sampling``::
+
+    sigma  = model_sampling.percent_to_sigma(u),  u ~ U(0, 1)
+    x_t    = model_sampling.noise_scaling(sigma, noise, x0)
+    loss   = mean(((guider(x_t, sigma) - x0) / sigma)^2)
+
+Dividing the x0-space error by sigma makes it the error of the model's own prediction (the noise
+for eps models, the velocity for flow models), so every noise level weighs alike instead of the
+x0 loss growing with sigma^2. Atoms enter as weight wrappers (differentiable ``W + delta W``); the
+loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.utils.checkpoint
+
+import comfy.model_management
+import comfy.samplers
+import comfy_extras.nodes_custom_sampler as custom_sampler
+
+import sparse_core as sc
+
+from .patching import AtomsWeightWrapper, release
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 200
+    lr: float = 1e-3
+    batch: int = 1
+    l1: float = 0.0
+    budget: int = 0  # 0: no hard budget
+    tune_atoms: bool = True
+    seed: int = 0
+    dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    prior_weight: float = 1.0
+
+
+@dataclass
+class Dataset:
+    """Latents ``(N, C, H, W)`` as ComfyUI holds them (before ``process_latent_in``) and one
+    CONDITIONING entry per latent."""
+
+    latents: torch.Tensor
+    conds: list
+
+
+class _TrainingSampler(comfy.samplers.Sampler):
+    """Runs :func:`sparse_core.train_atoms` where a sampler would run its steps."""
+
+    def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved):
+        self.atoms, self.settings, self.n_concept = atoms, settings, n_concept
+        self.cond_of, self.on_step, self.copy_saved = cond_of, on_step, copy_saved
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        settings = self.settings
+        conds = model_wrap.conds["positive"]
+        sampling = model_wrap.inner_model.model_sampling
+        x0_all = latent_image  # already through process_latent_in
+        total = x0_all.shape[0]
+        generator = torch.Generator().manual_seed(settings.seed)
+        autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
+                                  enabled=settings.dtype == "bf16")
+
+        def group_loss(indices):
+            """Mean prediction error over images ``indices``, one forward per conditioning."""
+            total_loss = 0.0
+            for cond_index in sorted({self.cond_of[i] for i in indices}):
+                chosen = [i for i in indices if self.cond_of[i] == cond_index]
+                x0 = x0_all[chosen]
+                noise_ = torch.randn(x0.shape, generator=generator).to(x0)
+                sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in
+                                      torch.rand(len(chosen), generator=generator)]).to(x0)
+                x_t = sampling.noise_scaling(sigma, noise_, x0, False)
+                model_wrap.conds["positive"] = [conds[cond_index]]
+                with autocast, _saved_tensor_copies(self.copy_saved):
+                    denoised = model_wrap(x_t, sigma, **extra_args)
+                scale = sigma.clamp_min(1e-3).view(-1, *([1] * (x0.dim() - 1)))
+                error = ((denoised.float() - x0.float()) / scale).pow(2)
+                total_loss = total_loss + error.flatten(1).mean(1).sum()
+            return total_loss / len(indices)
+
+        def loss_fn(step):
+            order = torch.randperm(self.n_concept, generator=generator)
+            loss = group_loss(order[: settings.batch].tolist())
+            if total > self.n_concept and settings.prior_weight > 0:
+                prior = torch.randperm(total - self.n_concept, generator=generator) + self.n_concept
+                loss = loss + settings.prior_weight * group_loss(prior[: settings.batch].tolist())
+            return loss
+
+        try:
+            self.result = sc.train_atoms(
+                self.atoms, loss_fn, steps=settings.steps, lr=settings.lr, l1=settings.l1,
+                budget=settings.budget or None, train_atoms=settings.tune_atoms,
+                on_step=self.on_step)
+        finally:
+            model_wrap.conds["positive"] = conds
+        return torch.zeros_like(latent_image)
+
+
+def _broadcast_conds(conds: list, count: int, what: str) -> list:
+    if len(conds) == 1:
+        return [conds[0]] * count
+    if len(conds) != count:
+        raise ValueError(f"{what}: {len(conds)} conditionings for {count} latents; give one "
+                         "conditioning for all latents or one per latent")
+    return list(conds)
+
+
+def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
+          prior: Dataset | None = None, on_step=None):
+    """Train a copy of ``atoms`` on ``concept`` (and ``prior``); returns (atoms, TrainingResult).
+
+    ``on_step(step, loss)`` runs after every step (progress, cancel)."""
+    concept_conds = _broadcast_conds(concept.conds, len(concept.latents), "Train Sparse Concept")
+    latents, conds = [concept.latents], concept_conds
+    if prior is not None:
+        if prior.latents.shape[1:] != concept.latents.shape[1:]:
+            raise ValueError(f"prior latents have shape {tuple(prior.latents.shape[1:])}, the "
+                             f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
+        latents.append(prior.latents)
+        conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
+    # One conditioning object per distinct entry, so identical prompts share one forward pass.
+    unique, cond_of = [], []
+    for cond in conds:
+        match = next((i for i, u in enumerate(unique) if u is cond), None)
+        if match is None:
+            unique.append(cond)
+            match = len(unique) - 1
+        cond_of.append(match)
+
+    try:
+        return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
+                      on_step, copy_saved=False)
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        # Some diffusion models (ComfyUI's Flux, for one) update activations in place, which
+        # autograd refuses; saving copies of what backward needs makes them trainable.
+        return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
+                      on_step, copy_saved=True)
+
+
+def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved):
+    patcher = model.clone()
+    if settings.dtype == "bf16":
+        patcher.set_model_compute_dtype(torch.bfloat16)
+    device = patcher.load_device
+    with torch.inference_mode(False), torch.enable_grad():
+        trained = atoms.clone().to(device, dtype=torch.float32)
+        for key, layer in trained.layers.items():
+            patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
+        patcher.model.requires_grad_(False)
+        data = torch.cat([t.detach().clone() for t in latents]).float()
+        guider = custom_sampler.Guider_Basic(patcher)
+        guider.set_conds([_clone_cond(cond) for cond in unique])  # indexed by cond_of
+        sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved)
+        noise = torch.zeros_like(data)
+        try:
+            with _checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing):
+                guider.sample(noise, data, sampler, torch.arange(len(data)), seed=settings.seed,
+                              disable_pbar=True)
+        except comfy.model_management.InterruptProcessingException as interrupt:
+            interrupt.partial_atoms = trained.to("cpu")  # the last completed step, for the caller
+            raise
+        finally:
+            release(patcher)
+    return trained.to("cpu"), sampler.result
+
+
+def _saved_tensor_copies(enabled: bool):
+    """Autograd keeps copies of the tensors backward needs, immune to later in-place updates."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+
+
+def _clone_cond(cond):
+    """Upstream tensors are inference tensors; training needs plain copies."""
+    tensor, extra = cond
+    extra = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    return [tensor.detach().clone(), extra]
+
+
+@contextlib.contextmanager
+def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool):
+    """Gradient checkpointing: recompute each top-level block in the backward pass instead of
+    keeping its activations. Restores the original forwards afterwards."""
+    if not enabled:
+        yield
+        return
+    blocks = []
+
+    def collect(module):
+        for child in module.children():
+            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
+                collect(child)
+            else:
+                blocks.append(child)
+
+    collect(diffusion_model)
+    originals = []
+    for block in blocks:
+        forward = block.forward
+        originals.append((block, block.__dict__.get("forward")))
+
+        def checkpointed(*args, __forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(__forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+    try:
+        yield
+    finally:
+        for block, own_forward in originals:
+            if own_forward is None:
+                del block.forward
+            else:
+                block.forward = own_forward
