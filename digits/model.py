@@ -78,6 +78,7 @@ class DigitsDiT(nn.Module):
         super().__init__()
         ops = operations or nn
         kw = dict(dtype=dtype, device=device)
+        self.dtype = dtype or torch.float32  # ComfyUI's model base reads it
         self.patch_size, self.in_channels, self.image_size = patch_size, in_channels, image_size
         tokens = (image_size // patch_size) ** 2
         self.patch_embed = ops.Linear(in_channels * patch_size ** 2, dim, **kw)

@@ -1,6 +1,7 @@
 """ComfyUI nodes: thin V3 wrappers over ``sparse_core`` (imported only inside ComfyUI)."""
 
 from .atom_nodes import NODES as ATOM_NODES
+from .digits_nodes import NODES as DIGITS_NODES
 from .file_nodes import NODES as FILE_NODES
 
-NODE_LIST = [*ATOM_NODES, *FILE_NODES]
+NODE_LIST = [*ATOM_NODES, *FILE_NODES, *DIGITS_NODES]

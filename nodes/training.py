@@ -162,6 +162,7 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         trained = atoms.clone().to(device, dtype=torch.float32)
         for key, layer in trained.layers.items():
             patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
+        _copy_inference_weights(patcher, set(trained.layers))
         patcher.model.requires_grad_(False)
         data = torch.cat([t.detach().clone() for t in latents]).float()
         guider = custom_sampler.Guider_Basic(patcher)
@@ -178,6 +179,25 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         finally:
             release(patcher)
     return trained.to("cpu"), sampler.result
+
+
+def _copy_inference_weights(patcher, adapted: set[str]) -> None:
+    """Checkpoints loaded inside a ComfyUI graph hold inference-mode tensors, which autograd may
+    not save for backward; an identity weight wrapper makes ComfyUI's ops use a copy instead (as
+    the atoms' own wrappers do for the adapted layers)."""
+    for name, module in patcher.model.diffusion_model.named_modules():
+        key = f"diffusion_model.{name}"
+        for field in ("weight", "bias"):
+            tensor = getattr(module, field, None)
+            if key in adapted and field == "weight":
+                continue
+            if isinstance(tensor, torch.Tensor) and tensor.is_inference() and \
+                    hasattr(module, f"{field}_function"):
+                patcher.add_weight_wrapper(f"{key}.{field}", _identity)
+
+
+def _identity(tensor):
+    return tensor
 
 
 def _saved_tensor_copies(enabled: bool):

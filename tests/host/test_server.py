@@ -1,0 +1,119 @@
+"""A headless ComfyUI server with the extension: node registry, and graphs through POST /prompt."""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from conftest import COMFYUI_PATH
+from server import ComfyServer
+
+API = pathlib.Path(__file__).parent / "workflows_api"
+NODES = {
+    "SparseAtoms_BuildDictionary": ("Build Atom Dictionary", ["ATOM_DICT"]),
+    "SparseAtoms_TrainConcept": ("Train Sparse Concept", ["MODEL", "SPARSE_ATOMS", "IMAGE"]),
+    "SparseAtoms_Apply": ("Apply Sparse Atoms", ["MODEL"]),
+    "SparseAtoms_MaskEditor": ("Atom Mask Editor", ["SPARSE_ATOMS", "IMAGE"]),
+    "SparseAtoms_Save": ("Save Sparse Atoms", []),
+    "SparseAtoms_Load": ("Load Sparse Atoms", ["SPARSE_ATOMS"]),
+    "SparseAtoms_ToLoRA": ("Sparse Atoms to LoRA", []),
+    "SparseAtoms_FromLoRA": ("LoRA to Sparse Atoms", ["SPARSE_ATOMS"]),
+    "SparseAtoms_LoadDigitsModel": ("Load Digits Model", ["MODEL"]),
+    "SparseAtoms_DigitPrompt": ("Digit Prompt", ["CONDITIONING"]),
+    "SparseAtoms_EmptyDigitsLatent": ("Empty Digits Latent", ["LATENT"]),
+    "SparseAtoms_DigitsToImage": ("Digits to Image", ["IMAGE"]),
+    "SparseAtoms_ImageToDigitsLatent": ("Image to Digits Latent", ["LATENT"]),
+    "SparseAtoms_DigitExamples": ("Digit Examples", ["LATENT", "CONDITIONING"]),
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    comfy = ComfyServer(COMFYUI_PATH).start()
+    yield comfy
+    comfy.stop()
+
+
+def test_object_info_lists_every_node_with_its_types(server):
+    info = server.get("/object_info")
+    for node_id, (display, outputs) in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        entry = info[node_id]
+        assert entry["display_name"] == display
+        assert entry["output"] == outputs
+        assert entry["category"].startswith("sparse_atoms")
+        for name, spec in {**entry["input"]["required"], **entry["input"].get("optional", {})}.items():
+            options = spec[1] if len(spec) > 1 else {}
+            if spec[0] in ("INT", "FLOAT"):
+                assert "min" in options and "max" in options, (node_id, name)
+    assert info["SparseAtoms_TrainConcept"]["input"]["optional"]["atom_dict"][0] == "ATOM_DICT"
+    assert info["SparseAtoms_Apply"]["input"]["required"]["sparse_atoms"][0] == "SPARSE_ATOMS"
+
+
+@pytest.mark.parametrize("name", ["digits_concept", "digits_editing", "digits_composition"])
+def test_digits_workflows_run_to_success(server, name):
+    graph = json.loads((API / f"{name}.json").read_text())
+    entry = server.run(graph, timeout=900)
+    assert "execution_success" in server.messages(entry), server.log_tail()
+    saved = [node for node in entry["outputs"].values() if node.get("images")]
+    assert saved, "no image was produced"
+    for node in saved:
+        for image in node["images"]:
+            folder = os.path.join(server.base, image["type"], image.get("subfolder", ""))
+            assert os.path.getsize(os.path.join(folder, image["filename"])) > 0
+
+
+@pytest.mark.parametrize("name, missing", [
+    ("sdxl_concept", {"1": "ckpt_name", "2": "folder"}),
+    ("sdxl_editing", {"1": "ckpt_name", "2": "image"}),
+    ("sdxl_composition", {"1": "ckpt_name", "2": "atoms_name", "3": "atoms_name"}),
+])
+def test_sdxl_workflows_validate_except_for_the_users_files(server, name, missing):
+    """With no SDXL checkpoint here, the only validation errors are the files a user supplies."""
+    graph = json.loads((API / f"{name}.json").read_text())
+    status, reply = server.queue(graph)
+    assert status == 400
+    file_errors = ("value_not_in_list", "custom_validation_failed")  # a file that is not there
+    errors = {node_id: sorted({e["extra_info"]["input_name"] for e in node["errors"]
+                               if e["type"] in file_errors})
+              for node_id, node in reply["node_errors"].items()}
+    other = [e for node in reply["node_errors"].values() for e in node["errors"]
+             if e["type"] not in file_errors]
+    assert not other, other
+    # ComfyUI stops validating a branch at its first bad input, so it may report only some of them
+    assert errors and all(missing.get(node_id) and fields == [missing[node_id]]
+                          for node_id, fields in errors.items()), errors
+
+
+def test_bad_prompt_word_is_refused_before_running(server):
+    graph = {"1": {"class_type": "SparseAtoms_DigitPrompt", "inputs": {"prompt": "eleven"}},
+             "2": {"class_type": "SparseAtoms_EmptyDigitsLatent", "inputs": {"batch_size": 1}}}
+    status, reply = server.queue(graph)
+    assert status == 400
+    text = json.dumps(reply)
+    assert "not in the digits vocabulary" in text or "no outputs" in text.lower()
+
+
+def test_a_failing_node_reports_a_clear_error(server):
+    graph = {
+        "1": {"class_type": "SparseAtoms_LoadDigitsModel", "inputs": {}},
+        "2": {"class_type": "SparseAtoms_BuildDictionary",
+              "inputs": {"model": ["1", 0], "preset": "custom regex", "layer_regex": "nothing_here$",
+                         "atoms_per_layer": 4, "method": "svd", "seed": 0}},
+        "3": {"class_type": "SparseAtoms_TrainConcept",
+              "inputs": {"model": ["1", 0], "latents": ["4", 0], "conditioning": ["4", 1],
+                         "atom_dict": ["2", 0], "steps": 2, "learning_rate": 0.001, "batch_size": 1,
+                         "l1": 0.0, "atom_budget": 0, "tune_atoms": True, "seed": 0,
+                         "training_dtype": "fp32", "gradient_checkpointing": False,
+                         "prior_weight": 1.0}},
+        "4": {"class_type": "SparseAtoms_DigitExamples",
+              "inputs": {"digits": "3", "per_digit": 2, "seed": 0, "style": "plain", "prompt": "sks"}},
+        "5": {"class_type": "SparseAtoms_Save", "inputs": {"sparse_atoms": ["3", 1], "filename": "x"}},
+    }
+    entry = server.run(graph)
+    assert "execution_error" in server.messages(entry)
+    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    assert error["node_type"] == "SparseAtoms_BuildDictionary"
+    assert "selects no layer" in error["exception_message"]
+    assert "digits" in error["exception_message"]
