@@ -17,6 +17,7 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 if COMFYUI_PATH not in sys.path:
     sys.path.insert(0, COMFYUI_PATH)
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(2, os.path.join(REPO, "tools"))
 sys.modules.pop("nodes", None)
 
 from comfy.cli_args import args  # noqa: E402

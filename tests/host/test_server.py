@@ -7,7 +7,7 @@ import pathlib
 import pytest
 
 from conftest import COMFYUI_PATH
-from server import ComfyServer
+from comfy_server import ComfyServer
 
 API = pathlib.Path(__file__).parent / "workflows_api"
 NODES = {

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 PACKAGE = "sparse_atoms"
 
 

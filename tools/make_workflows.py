@@ -1,0 +1,51 @@
+"""Regenerate workflows/*.json (UI format) from the API-format graphs in tests/host/workflows_api,
+through the real ComfyUI frontend: load each graph with the frontend's own ``loadApiJson``, let it
+lay the graph out, and save what the frontend serialises.
+
+    COMFYUI_PATH=/path/to/ComfyUI python tools/make_workflows.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from browser import frontend_page  # noqa: E402
+from comfy_server import ComfyServer  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+API = REPO / "tests" / "host" / "workflows_api"
+OUT = REPO / "workflows"
+
+
+def main():
+    server = ComfyServer(os.environ["COMFYUI_PATH"]).start()
+    try:
+        with frontend_page(server.url) as page:
+            for path in sorted(API.glob("*.json")):
+                graph = json.loads(path.read_text())
+                before = len(page.errors)
+                ui = page.evaluate(
+                    """async ([graph, name]) => {
+                        await window.app.loadApiJson(graph, name);
+                        // Shared graphs must reproduce: seeds stay as written.
+                        for (const node of window.app.graph.nodes)
+                            for (const widget of node.widgets ?? [])
+                                if (widget.name === "control_after_generate") widget.value = "fixed";
+                        return window.app.graph.serialize();
+                    }""", [graph, path.stem])
+                if len(page.errors) > before:
+                    print(f"{path.name}: page errors {page.errors[before:]}")
+                (OUT / path.name).write_text(json.dumps(ui, indent=1) + "\n")
+                print(f"wrote workflows/{path.name}: {len(ui['nodes'])} nodes, {len(ui['links'])} links")
+            if page.errors:
+                print("page errors:", page.errors)
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+// The Atom Mask Editor's selection: which atoms are kept, and the mask string saved in the
+// workflow. Mirrors nodes/masks.py: kept = top ceil(density * N) by importance AND not switched off.
+
+export const MASK_VERSION = 1;
+
+export class AtomMaskState {
+  constructor() {
+    this.table = null; // {fingerprint, layers: [{key, label, name, group, atoms, importance}], min, max, total}
+    this.off = new Map(); // layer key -> Set of atom ids switched off
+    this.density = 1.0;
+    this.foreignMask = false; // the mask string names other atoms than the table
+  }
+
+  setTable(table) {
+    this.table = table;
+    this.ranking = [];
+    table.layers.forEach((row, r) =>
+      row.importance.forEach((value, c) => this.ranking.push({ r, c, value })));
+    // Same order as SparseAtoms.ranking(): importance, then layer, then position (stable).
+    this.ranking.sort((a, b) => b.value - a.value || a.r - b.r || a.c - b.c);
+    this.total = this.ranking.length;
+    this.totalImportance = this.ranking.reduce((s, x) => s + x.value, 0);
+    this.checkMask();
+  }
+
+  loadMask(text, density) {
+    this.density = density;
+    this.off = new Map();
+    this.maskFingerprint = null;
+    if (text && text.trim()) {
+      try {
+        const data = JSON.parse(text);
+        this.maskFingerprint = data.fingerprint;
+        for (const [key, ids] of Object.entries(data.off || {})) this.off.set(key, new Set(ids));
+      } catch (error) {
+        this.maskFingerprint = "invalid";
+      }
+    }
+    this.checkMask();
+  }
+
+  checkMask() {
+    this.foreignMask = Boolean(this.table && this.maskFingerprint &&
+      this.maskFingerprint !== this.table.fingerprint);
+  }
+
+  maskText() {
+    if (!this.table) return "";
+    const off = {};
+    for (const key of [...this.off.keys()].sort()) {
+      const ids = [...this.off.get(key)].sort((a, b) => a - b);
+      if (ids.length) off[key] = ids;
+    }
+    if (!Object.keys(off).length) return "";
+    return JSON.stringify({ fingerprint: this.table.fingerprint, off, version: MASK_VERSION });
+  }
+
+  /** Grid of kept flags [row][column] for the table's (importance-sorted) columns. */
+  keptGrid() {
+    const grid = this.table.layers.map((row) => new Array(row.atoms.length).fill(false));
+    const limit = Math.ceil(this.density * this.total);
+    for (let i = 0; i < limit && i < this.ranking.length; i++) {
+      const { r, c } = this.ranking[i];
+      grid[r][c] = true;
+    }
+    this.table.layers.forEach((row, r) => {
+      const off = this.off.get(row.key);
+      if (off) row.atoms.forEach((id, c) => { if (off.has(id)) grid[r][c] = false; });
+    });
+    return grid;
+  }
+
+  summary() {
+    if (!this.table) return null;
+    const grid = this.keptGrid();
+    let kept = 0, importance = 0;
+    grid.forEach((row, r) => row.forEach((on, c) => {
+      if (on) { kept += 1; importance += this.table.layers[r].importance[c]; }
+    }));
+    const share = this.totalImportance > 0 ? importance / this.totalImportance : 0;
+    return { kept, total: this.total, share };
+  }
+
+  /** Make the current selection explicit in the mask (density 1), so clicks edit exactly it. */
+  materialize() {
+    const grid = this.keptGrid();
+    this.off = new Map();
+    this.table.layers.forEach((row, r) => row.atoms.forEach((id, c) => {
+      if (!grid[r][c]) this.offSet(row.key).add(id);
+    }));
+    this.density = 1.0;
+  }
+
+  offSet(key) {
+    if (!this.off.has(key)) this.off.set(key, new Set());
+    return this.off.get(key);
+  }
+
+  setAtom(r, c, on) {
+    const row = this.table.layers[r];
+    const off = this.offSet(row.key);
+    if (on) off.delete(row.atoms[c]); else off.add(row.atoms[c]);
+  }
+
+  setLayer(r, on) {
+    this.table.layers[r].atoms.forEach((_, c) => this.setAtom(r, c, on));
+  }
+
+  all() { this.off = new Map(); this.density = 1.0; }
+  none() { this.density = 1.0; this.table.layers.forEach((_, r) => this.setLayer(r, false)); }
+  reset() { this.off = new Map(); this.density = 1.0; this.maskFingerprint = null; this.foreignMask = false; }
+
+  invert() {
+    const grid = this.keptGrid();
+    this.off = new Map();
+    this.density = 1.0;
+    grid.forEach((row, r) => row.forEach((on, c) => { if (on) this.setAtom(r, c, false); }));
+  }
+
+  topK(k) {
+    this.density = 1.0;
+    this.off = new Map();
+    const keep = new Set(this.ranking.slice(0, Math.max(0, k)).map(({ r, c }) => `${r}:${c}`));
+    this.table.layers.forEach((row, r) => row.atoms.forEach((_, c) => {
+      if (!keep.has(`${r}:${c}`)) this.setAtom(r, c, false);
+    }));
+  }
+}
