@@ -58,6 +58,8 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited during start-up:\n{self.log_tail()}")
             try:
                 self.get("/system_stats")
+                # A returning user: no first-run template dialog over the canvas.
+                self.post("/settings/Comfy.TutorialCompleted", True)
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)

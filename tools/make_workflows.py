@@ -35,8 +35,9 @@ def main():
                         for (const node of window.app.graph.nodes)
                             for (const widget of node.widgets ?? [])
                                 if (widget.name === "control_after_generate") widget.value = "fixed";
-                        return window.app.graph.serialize();
+                        return JSON.stringify(window.app.graph.serialize());  // drops undefined
                     }""", [graph, path.stem])
+                ui = json.loads(ui)
                 if len(page.errors) > before:
                     print(f"{path.name}: page errors {page.errors[before:]}")
                 (OUT / path.name).write_text(json.dumps(ui, indent=1) + "\n")
