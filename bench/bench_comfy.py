@@ -1,0 +1,271 @@
+"""Benchmark of the ComfyUI nodes against ComfyUI itself, measured in the same run.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/bench_comfy.py [--repeats 3] [--quick]
+
+- Train Sparse Concept vs ComfyUI's own TrainLoraNode: time per training step and peak memory
+  during training, on the same model, the same layers (every linear and convolution layer, which
+  is what TrainLoraNode adapts), atoms per layer = LoRA rank, batch 1, fp32. Each measurement runs
+  in its own process (so peak memory is clean); time per step = (time of N steps - time of 1
+  step) / (N - 1), which removes the setup both trainers share.
+- Apply Sparse Atoms: KSampler time on the patched model vs the unpatched model (the patch is
+  merged into the weights when the model loads, so sampling should cost the same).
+- Build Atom Dictionary (svd) on every attention layer of the mid-size model.
+
+Models: a tiny SDXL-like UNet (as in the host tests) and a mid-size SDXL-like UNet that fits a
+CPU (channels 128, transformer depth 0/2/4 with 768-wide context), both built from ComfyUI's
+classes with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _comfy():
+    comfy_path = os.path.abspath(os.environ["COMFYUI_PATH"])
+    for path in (comfy_path, os.path.join(REPO, "tests", "host"), REPO):
+        if path not in sys.path:
+            sys.path.insert(0 if path == comfy_path else len(sys.path), path)
+    sys.modules.pop("nodes", None)
+    from comfy.cli_args import args
+
+    args.cpu = not _cuda()
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+
+
+def _cuda():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+MID_SDXL = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=128,
+                num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 2, 4],
+                transformer_depth_output=[0, 0, 0, 2, 2, 2, 4, 4, 4], transformer_depth_middle=4,
+                use_spatial_transformer=True, legacy=False, context_dim=768,
+                num_classes="sequential", adm_in_channels=1280 + 6 * 256,
+                use_linear_in_transformer=True, use_temporal_attention=False,
+                use_temporal_resblock=False)
+
+
+def build_model(name: str):
+    import torch
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import tiny_models
+
+    if name == "tiny-sdxl":
+        return tiny_models.build("sdxl"), tiny_models.conditioning("sdxl"), tiny_models.latents("sdxl", 4)
+    config = sm.SDXL(dict(MID_SDXL))
+    config.unet_config.update(num_heads=-1, num_head_channels=64)
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({})
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+            elif param_name.endswith(("weight", "scale")):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    patcher = comfy.model_patcher.ModelPatcher(model, mm.get_torch_device(), mm.unet_offload_device())
+    cond = [[torch.randn(1, 77, 768, generator=generator),
+             {"pooled_output": torch.randn(1, 1280, generator=generator), "width": 256, "height": 256}]]
+    latents = {"samples": torch.randn(4, 4, 32, 32, generator=generator)}
+    return patcher, cond, latents
+
+
+class PeakMemory:
+    """Peak resident memory (CPU) or allocated memory (CUDA) above the level at start."""
+
+    def __enter__(self):
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = _rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.value = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.value = max(self.peak, _rss()) - self.start
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as stream:
+        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def train_once(which: str, model_name: str, steps: int, rank: int) -> dict:
+    """One training run in this process: seconds and peak memory."""
+    _comfy()
+    import torch
+    import comfy.model_management as mm
+
+    model, cond, latents = build_model(model_name)
+    if which == "lora":
+        from comfy_extras.nodes_train import TrainLoraNode
+
+        def run():
+            with torch.inference_mode():
+                TrainLoraNode().train(model, latents, cond, 1, steps, 1, 1e-4, rank, "AdamW", "MSE",
+                                      0, "fp32", "fp32", "LoRA", False, "[None]")
+    else:
+        from conftest import run_node  # loads nothing; the node classes come from load_custom_node
+        node_classes = _our_nodes()
+        with torch.inference_mode():
+            atoms = run_node(node_classes["SparseAtoms_BuildDictionary"], model=model,
+                             preset="custom regex", layer_regex=".", atoms_per_layer=rank,
+                             method="svd", seed=0)[0]
+
+        def run():
+            run_node(node_classes["SparseAtoms_TrainConcept"], model=model, latents=latents,
+                     conditioning=cond, atom_dict=atoms, steps=steps, learning_rate=1e-4,
+                     batch_size=1, l1=0.0, atom_budget=0, tune_atoms=True, seed=0,
+                     training_dtype="fp32", gradient_checkpointing=False)
+    mm.unload_all_models()
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        run()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_bytes": memory.value}
+
+
+def _our_nodes():
+    import asyncio
+    import tempfile
+
+    import folder_paths
+    import nodes
+
+    root = tempfile.mkdtemp(prefix="bench_comfy_")
+    folder_paths.models_dir = root
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    asyncio.run(nodes.load_custom_node(REPO, ignore=before))
+    return {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("SparseAtoms_")}
+
+
+def subprocess_train(which, model, steps, rank) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", which, model, str(steps), str(rank)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def bench_training(model, rank, steps, repeats):
+    rows = {}
+    for which in ("ours", "lora"):
+        per_step, peaks = [], []
+        for _ in range(repeats):
+            short = subprocess_train(which, model, 1, rank)
+            long = subprocess_train(which, model, steps, rank)
+            per_step.append((long["seconds"] - short["seconds"]) / (steps - 1))
+            peaks.append(long["peak_bytes"])
+        rows[which] = (statistics.median(per_step), statistics.median(peaks))
+    return rows
+
+
+def bench_apply_and_build(model_name, repeats):
+    _comfy()
+    import torch
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+    from conftest import run_node
+
+    node_classes = _our_nodes()
+    model, cond, _ = build_model(model_name)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        atoms = run_node(node_classes["SparseAtoms_BuildDictionary"], model=model,
+                         preset="self+cross attention", layer_regex="", atoms_per_layer=64,
+                         method="svd", seed=0)[0]
+        build_seconds = time.perf_counter() - start
+        for layer in atoms.layers.values():
+            layer.coefficients.normal_()
+        patched = run_node(node_classes["SparseAtoms_Apply"], model=model, sparse_atoms=atoms,
+                           strength=1.0, density=1.0)[0]
+    negative = [[torch.zeros_like(cond[0][0]), dict(cond[0][1])]]
+    latent = {"samples": torch.zeros(1, 4, 32, 32)}
+
+    def sample(which):
+        with torch.inference_mode():
+            comfy_nodes.common_ksampler(which, 0, 10, 5.0, "euler", "normal", cond, negative, latent)
+
+    times = {"base": [], "patched": []}
+    for which, patcher in (("base", model), ("patched", patched)):
+        mm.unload_all_models()
+        sample(patcher)  # warm-up, and the one-time merge of the patches for "patched"
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sample(patcher)
+            times[which].append(time.perf_counter() - start)
+    return {"build_seconds": build_seconds, "layers": len(atoms), "atoms": atoms.n_atoms,
+            "base": statistics.median(times["base"]), "patched": statistics.median(times["patched"])}
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        which, model, steps, rank = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        print(json.dumps(train_once(which, model, steps, rank)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rank", type=int, default=8)
+    args = parser.parse_args()
+    models = ["tiny-sdxl"] if args.quick else ["tiny-sdxl", "mid-sdxl"]
+    steps = {"tiny-sdxl": 21, "mid-sdxl": 6}
+    lines = ["| model | trainer | s / step | peak memory (MiB) | time ratio | memory ratio |",
+             "|---|---|---|---|---|---|"]
+    for model in models:
+        rows = bench_training(model, args.rank, steps[model], args.repeats)
+        (ours_t, ours_m), (lora_t, lora_m) = rows["ours"], rows["lora"]
+        lines.append(f"| {model} | Train Sparse Concept ({args.rank} atoms/layer) | {ours_t:.3f} | "
+                     f"{ours_m / 2**20:.0f} | **{ours_t / lora_t:.2f}x** | **{ours_m / lora_m:.2f}x** |")
+        lines.append(f"| {model} | TrainLoraNode (rank {args.rank}) | {lora_t:.3f} | {lora_m / 2**20:.0f} | 1 | 1 |")
+        print(lines[-2], "\n" + lines[-1], flush=True)
+    apply = bench_apply_and_build(models[-1], args.repeats)
+    lines += ["", "| model | KSampler, 10 steps: unpatched (s) | with atoms applied (s) | overhead |",
+              "|---|---|---|---|",
+              f"| {models[-1]} | {apply['base']:.3f} | {apply['patched']:.3f} | "
+              f"**{100 * (apply['patched'] / apply['base'] - 1):+.1f}%** |",
+              "", f"Build Atom Dictionary (svd, 64 atoms/layer) on every attention layer of {models[-1]}: "
+              f"{apply['layers']} layers, {apply['atoms']} atoms in {apply['build_seconds']:.2f} s "
+              f"({1000 * apply['build_seconds'] / apply['layers']:.0f} ms per layer)"]
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
