@@ -10,6 +10,7 @@ ComfyUI node runs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ PRESETS = {
     "cross-attention": r"attn2\.to_(q|k|v|out)$",
     "self+cross attention": r"attn[12]\.to_(q|k|v|out)$",
     "attention + MLP": r"(attn[12]\.to_(q|k|v|out)|mlp\.[02])$",
+    "self-attention + MLP": r"(attn1\.to_(q|k|v|out)|mlp\.[02])$",  # prompt-independent: styles
 }
 
 
@@ -63,45 +65,79 @@ def prior_set(dit, encoder, prompts: list[str], per_prompt: int, seed: int = 0):
     return images, context
 
 
-def train_concept(dit, encoder, atoms: sc.SparseAtoms, images: torch.Tensor, prompt: str,
-                  settings: ConceptSettings, prior=None, on_step=None) -> sc.TrainingResult:
-    """Train ``atoms`` (in place) so that ``prompt`` draws ``images`` ``(N, 1, 8, 8)``."""
+def flow_loss(dit, encoder, images: torch.Tensor, prompt, settings: ConceptSettings,
+              weights_fn, prior=None):
+    """``loss_fn(step)`` for any adapter: the flow-matching loss of the model with the weights
+    ``weights_fn()`` returns (``{parameter name: patched weight}``, differentiable), on batches of
+    the concept's images under ``prompt`` (one prompt, or a list with one per image) plus the
+    weighted prior-preservation term."""
     generator = torch.Generator().manual_seed(settings.seed)
-    concept_context = encoder(tokenize(prompt)[None]).detach()
+    if isinstance(prompt, str):
+        contexts = encoder(tokenize(prompt)[None]).detach().expand(len(images), -1, -1)
+    else:
+        contexts = encoder(tokenize_many(list(prompt))).detach()
 
-    def flow_loss(x0, context):
+    def batch_loss(x0, context):
         noise = torch.randn(x0.shape, generator=generator)
         sigma = torch.rand(len(x0), generator=generator)
         s = sigma[:, None, None, None]
-        weights = sc.patched_weights(dit, atoms, prefix=PREFIX)
-        prediction = functional_call(dit, weights, ((1 - s) * x0 + s * noise, sigma * 1000, context))
+        prediction = functional_call(dit, weights_fn(), ((1 - s) * x0 + s * noise, sigma * 1000, context))
         return (prediction - (noise - x0)).pow(2).mean()
 
     def loss_fn(step):
         pick = torch.randint(len(images), (settings.batch,), generator=generator)
-        loss = flow_loss(images[pick], concept_context.expand(settings.batch, -1, -1))
+        loss = batch_loss(images[pick], contexts[pick])
         if prior is not None and settings.prior_weight > 0:
             prior_images, prior_context = prior
             pick = torch.randint(len(prior_images), (settings.prior_batch,), generator=generator)
-            loss = loss + settings.prior_weight * flow_loss(prior_images[pick], prior_context[pick])
+            loss = loss + settings.prior_weight * batch_loss(prior_images[pick], prior_context[pick])
         return loss
 
-    atoms.info.prompt = prompt
+    return loss_fn
+
+
+def train_concept(dit, encoder, atoms: sc.SparseAtoms, images: torch.Tensor, prompt: str,
+                  settings: ConceptSettings, prior=None, on_step=None) -> sc.TrainingResult:
+    """Train ``atoms`` (in place) so that ``prompt`` draws ``images`` ``(N, 1, 8, 8)`` (``prompt``
+    may also be a list with one prompt per image)."""
+    loss_fn = flow_loss(dit, encoder, images, prompt, settings,
+                        lambda: sc.patched_weights(dit, atoms, prefix=PREFIX), prior)
+    atoms.info.prompt = prompt if isinstance(prompt, str) else " | ".join(sorted(set(prompt)))
     atoms.info.training = {k: v for k, v in vars(settings).items()}
     return sc.train_atoms(atoms, loss_fn, steps=settings.steps, lr=settings.lr, l1=settings.l1,
                           budget=settings.budget, train_atoms=settings.train_atoms,
                           on_step=on_step)
 
 
+@contextlib.contextmanager
+def applied(dit, deltas: dict):
+    """``W += delta`` for ``{parameter name: delta}`` during the block, restored exactly after."""
+    parameters = dict(dit.named_parameters())
+    backups = {name: parameters[name].detach().clone() for name in deltas}
+    try:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                parameters[name].add_(delta.detach().to(parameters[name].dtype))
+        yield dit
+    finally:
+        with torch.no_grad():
+            for name, original in backups.items():
+                parameters[name].copy_(original)
+
+
 def sample_prompts(dit, encoder, prompts: list[str], per_prompt: int, *, atoms=None,
-                   strength: float = 1.0, seed: int = 0, cfg: float = 3.0) -> dict[str, torch.Tensor]:
-    """``{prompt: images (per_prompt, 1, 8, 8)}``, with the atoms applied when given."""
+                   atoms_list=(), deltas=None, strength: float = 1.0, seed: int = 0,
+                   cfg: float = 3.0) -> dict[str, torch.Tensor]:
+    """``{prompt: images (per_prompt, 1, 8, 8)}``, with atoms (one set, or several stacked, as
+    chained Apply nodes do) or plain weight deltas applied when given."""
     all_prompts = [p for p in prompts for _ in range(per_prompt)]
     context = encoder(tokenize_many(all_prompts))
     uncond = encoder(tokenize("")[None])
-    if atoms is None:
+    stack = contextlib.ExitStack()
+    with stack:
+        for item in ([atoms] if atoms is not None else []) + list(atoms_list):
+            stack.enter_context(sc.apply_atoms(dit, item, strength, prefix=PREFIX))
+        if deltas:
+            stack.enter_context(applied(dit, deltas))
         images = sample(dit, context, uncond, seed=seed, cfg=cfg)
-    else:
-        with sc.apply_atoms(dit, atoms, strength, prefix=PREFIX):
-            images = sample(dit, context, uncond, seed=seed, cfg=cfg)
     return {p: images[i * per_prompt:(i + 1) * per_prompt] for i, p in enumerate(prompts)}

@@ -1,8 +1,10 @@
 """The evaluator: a digit classifier fit on real digits only, never used in any training.
 
-An RBF support-vector classifier on the bundled digits (a stratified 70/30 split, seeded), whose
-held-out accuracy is reported with it. Generated images are mapped back to the dataset's 0-16
-grey levels before classification.
+An RBF support-vector classifier on the bundled digits and their bold-stroke versions (the style
+the composition experiment teaches; without them it calls a third of real bold 3s something
+else), on a stratified 70/30 split, seeded; its held-out accuracy on the plain and on the bold
+digits is reported with it. Generated images are mapped back to the dataset's 0-16 grey levels
+before classification.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import load_digits
+from .data import embolden, load_digits
 
 
 @dataclass
 class DigitEvaluator:
     classifier: object
     held_out_accuracy: float
+    held_out_accuracy_bold: float = 0.0
 
     @classmethod
     def fit(cls, seed: int = 0) -> "DigitEvaluator":
@@ -26,12 +29,16 @@ class DigitEvaluator:
         from sklearn.svm import SVC
 
         images, labels = load_digits()
-        features = _features(images)
-        train_x, test_x, train_y, test_y = train_test_split(
-            features, labels.numpy(), test_size=0.3, random_state=seed, stratify=labels.numpy())
+        train_i, test_i = train_test_split(range(len(images)), test_size=0.3, random_state=seed,
+                                           stratify=labels.numpy())
+        train_i, test_i = list(train_i), list(test_i)
+        train_x = _features(torch.cat([images[train_i], embolden(images[train_i])]))
+        train_y = torch.cat([labels[train_i], labels[train_i]]).numpy()
         classifier = SVC(gamma=0.001, C=10.0).fit(train_x, train_y)
-        accuracy = float((classifier.predict(test_x) == test_y).mean())
-        return cls(classifier, accuracy)
+        truth = labels[test_i].numpy()
+        plain = float((classifier.predict(_features(images[test_i])) == truth).mean())
+        bold = float((classifier.predict(_features(embolden(images[test_i]))) == truth).mean())
+        return cls(classifier, plain, bold)
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted digit ``(N,)`` for images ``(N, 1, 8, 8)`` in ``[-1, 1]``."""
