@@ -32,12 +32,14 @@ def build_dictionary(model, preset: str, layer_regex: str, atoms_per_layer: int,
     chosen = presets.select_layers(list(layers), regex, family=f"{family}: {architecture}", preset=preset)
     device = model.load_device
     weights = {key: layers[key].weight.detach().to(device) for key in chosen}
-    atoms = sc.build_atoms(weights, atoms_per_layer, method, seed=seed,
+    atoms = sc.build_atoms(weights, atoms_per_layer, method, seed=seed, fit_to_layer=True,
                            info=sc.AtomsInfo(architecture=architecture), progress=progress)
     atoms = atoms.to("cpu")
     parameters = sum(w.numel() for w in weights.values())
+    smaller = sum(layer.n_atoms < atoms_per_layer for layer in atoms.layers.values())
     report = (f"{len(chosen)} layers selected ({parameters:,} weights) in this {architecture} model "
-              f"({family}); {atoms.n_atoms} atoms ({method}, {atoms_per_layer} per layer)")
+              f"({family}); {atoms.n_atoms} atoms ({method}, {atoms_per_layer} per layer"
+              + (f"; {smaller} small layers have only min(out, in)" if smaller else "") + ")")
     return atoms, report
 
 
@@ -93,7 +95,7 @@ class TrainSparseConcept(io.ComfyNode):
             description="Teaches the model a concept from a few images by training sparse atoms "
                         "(l1 and an atom budget keep only a handful).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model to teach."),
                 io.Latent.Input("latents", tooltip="The concept's images, VAE-encoded (a batch)."),
                 io.Conditioning.Input("conditioning", tooltip="One prompt for all images, or one per image."),
                 AtomDict.Input("atom_dict", optional=True,
@@ -101,12 +103,15 @@ class TrainSparseConcept(io.ComfyNode):
                 io.Latent.Input("prior_latents", optional=True,
                                 tooltip="Prior preservation: images of the class (e.g. the base "
                                         "model's own samples) so other prompts keep their meaning."),
-                io.Conditioning.Input("prior_conditioning", optional=True),
+                io.Conditioning.Input("prior_conditioning", optional=True,
+                                      tooltip="The prompt(s) of the prior images: one, or one per image."),
                 io.Float.Input("prior_weight", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the prior-preservation loss."),
-                io.Int.Input("steps", default=200, min=1, max=100000),
-                io.Float.Input("learning_rate", default=0.003, min=1e-6, max=1.0, step=1e-5),
-                io.Int.Input("batch_size", default=1, min=1, max=256),
+                io.Int.Input("steps", default=200, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=0.003, min=1e-6, max=1.0, step=1e-5,
+                               tooltip="Adam learning rate for the coefficients (and atoms)."),
+                io.Int.Input("batch_size", default=1, min=1, max=256,
+                             tooltip="Images per step (and prior images per step)."),
                 io.Float.Input("l1", default=0.0, min=0.0, max=100.0, step=0.001,
                                tooltip="l1 weight on the coefficients (soft-threshold lr*l1 after each step)."),
                 io.Int.Input("atom_budget", default=24, min=0, max=1_000_000,
@@ -115,8 +120,10 @@ class TrainSparseConcept(io.ComfyNode):
                 io.Boolean.Input("tune_atoms", default=True,
                                  tooltip="Train the atoms' directions too (the paper's default), not "
                                          "only their coefficients."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
-                io.Combo.Input("training_dtype", options=["fp32", "bf16"], default="fp32"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seeds batches, noise and noise levels: same seed, same atoms."),
+                io.Combo.Input("training_dtype", options=["fp32", "bf16"], default="fp32",
+                               tooltip="Compute dtype of the model during training (atoms stay fp32)."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Less memory, about a third more time per step."),
             ],
@@ -213,9 +220,10 @@ class ApplySparseAtoms(io.ComfyNode):
                         "when the model loads: no cost per sampling step). Chain two to combine a "
                         "concept and a style; stacks with LoRAs.",
             inputs=[
-                io.Model.Input("model"),
-                SparseAtomsType.Input("sparse_atoms"),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01),
+                io.Model.Input("model", tooltip="The model to patch (it may already carry LoRAs or atoms)."),
+                SparseAtomsType.Input("sparse_atoms", tooltip="Trained, loaded or masked atoms."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Scale of delta W (negative removes the concept)."),
                 io.Float.Input("density", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Keep the top ceil(density * N) atoms by importance."),
             ],
@@ -238,7 +246,7 @@ class AtomMaskEditor(io.ComfyNode):
             description="Shows which atoms matter (layers x atoms by importance) and keeps the ones "
                         "you choose: density selects the most important, the mask switches atoms off.",
             inputs=[
-                SparseAtomsType.Input("sparse_atoms"),
+                SparseAtomsType.Input("sparse_atoms", tooltip="The atoms to inspect and mask."),
                 io.String.Input("mask", default="", multiline=False,
                                 tooltip="Atoms switched off (JSON written by the editor widget; "
                                         "empty keeps every atom)."),

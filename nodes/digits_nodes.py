@@ -77,12 +77,13 @@ class DigitExamples(io.ComfyNode):
                         "one CONDITIONING per image: training data with no downloads.",
             inputs=[
                 io.String.Input("digits", default="3", tooltip="Comma-separated digits, e.g. '3' or '0,1,2'."),
-                io.Int.Input("per_digit", default=8, min=1, max=170),
+                io.Int.Input("per_digit", default=8, min=1, max=170, tooltip="Images of each digit."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which images are picked."),
                 io.Combo.Input("style", options=["plain", "bold"], default="plain",
                                tooltip="bold: strokes thickened (a style to learn)."),
                 io.String.Input("prompt", default="",
-                                tooltip="Prompt for every image (e.g. 'sks'); empty = each image's own digit."),
+                                tooltip="Prompt for every image (e.g. 'sks'); '{digit}' stands for "
+                                        "the image's digit (e.g. 'bold {digit}'); empty = its digit."),
             ],
             outputs=[io.Latent.Output("latent", display_name="LATENT"),
                      io.Conditioning.Output("conditioning", display_name="CONDITIONING")],
@@ -92,7 +93,7 @@ class DigitExamples(io.ComfyNode):
     def validate_inputs(cls, digits, prompt):
         try:
             _parse_digits(digits)
-            tokenize(prompt)
+            tokenize(prompt.replace("{digit}", "0"))
         except (TypeError, ValueError) as error:
             return str(error)
         return True
@@ -103,7 +104,7 @@ class DigitExamples(io.ComfyNode):
         for digit in _parse_digits(digits):
             chosen = images_of(digit, per_digit, seed=seed)
             images.append(embolden(chosen) if style == "bold" else chosen)
-            text = prompt if prompt.strip() else str(digit)
+            text = prompt.replace("{digit}", str(digit)) if prompt.strip() else str(digit)
             conds += DigitPrompt.execute(text).args[0] * per_digit
         return io.NodeOutput({"samples": torch.cat(images)}, conds)
 
@@ -120,7 +121,7 @@ class EmptyDigitsLatent(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SparseAtoms_EmptyDigitsLatent", display_name="Empty Digits Latent", category=CATEGORY,
-            inputs=[io.Int.Input("batch_size", default=16, min=1, max=4096)],
+            inputs=[io.Int.Input("batch_size", default=16, min=1, max=4096, tooltip="Images to sample.")],
             outputs=[io.Latent.Output("latent", display_name="LATENT")],
         )
 
@@ -135,7 +136,7 @@ class DigitsToImage(io.ComfyNode):
         return io.Schema(
             node_id="SparseAtoms_DigitsToImage", display_name="Digits to Image", category=CATEGORY,
             description="The digits latent (the image itself, ink in [-1, 1]) as an IMAGE for preview and save.",
-            inputs=[io.Latent.Input("latent"),
+            inputs=[io.Latent.Input("latent", tooltip="Digits latents, e.g. from KSampler."),
                     io.Int.Input("scale", default=8, min=1, max=64, tooltip="Nearest-neighbour upscale.")],
             outputs=[io.Image.Output("image", display_name="IMAGE")],
         )
@@ -158,7 +159,7 @@ class ImageToDigitsLatent(io.ComfyNode):
             category=CATEGORY,
             description="An IMAGE (e.g. from Load Image) as a digits latent for training: grey, "
                         "8x8 by area averaging, light ink on dark (invert for dark ink on light).",
-            inputs=[io.Image.Input("image"),
+            inputs=[io.Image.Input("image", tooltip="Images of digits, any size."),
                     io.Boolean.Input("invert", default=False, tooltip="For dark ink on a light background.")],
             outputs=[io.Latent.Output("latent", display_name="LATENT")],
         )

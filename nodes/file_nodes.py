@@ -7,6 +7,7 @@ import os
 import torch
 
 import comfy.lora
+import comfy.lora_convert
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -24,7 +25,7 @@ class SaveSparseAtoms(io.ComfyNode):
         return io.Schema(
             node_id="SparseAtoms_Save", display_name="Save Sparse Atoms", category=CATEGORY,
             description="Writes the atoms to models/sparse_atoms/<name>.safetensors (atomically).",
-            inputs=[SparseAtomsType.Input("sparse_atoms"),
+            inputs=[SparseAtomsType.Input("sparse_atoms", tooltip="The atoms to save."),
                     io.String.Input("filename", default="concept",
                                     tooltip="A name inside models/sparse_atoms (sub-folders allowed, no '..').")],
             outputs=[], is_output_node=True,
@@ -64,10 +65,13 @@ class SparseAtomsToLoRA(io.ComfyNode):
             description="Exports the atoms as a LoRA in models/loras, exact: 'lora' writes "
                         "lora_up/lora_down/alpha (rank = kept atoms), 'diff' the full delta W. "
                         "Both load in the stock LoRA loaders.",
-            inputs=[SparseAtomsType.Input("sparse_atoms"),
-                    io.String.Input("filename", default="sparse_atoms_lora"),
-                    io.Combo.Input("format", options=list(sc.LORA_FORMATS), default="lora"),
-                    io.Combo.Input("dtype", options=["fp32", "fp16", "bf16"], default="fp32")],
+            inputs=[SparseAtomsType.Input("sparse_atoms", tooltip="The atoms to export."),
+                    io.String.Input("filename", default="sparse_atoms_lora",
+                                    tooltip="A name inside models/loras (no '..')."),
+                    io.Combo.Input("format", options=list(sc.LORA_FORMATS), default="lora",
+                                   tooltip="lora: up/down/alpha at rank = kept atoms; diff: the full delta W."),
+                    io.Combo.Input("dtype", options=["fp32", "fp16", "bf16"], default="fp32",
+                                   tooltip="Stored precision (fp32 is exact).")],
             outputs=[], is_output_node=True,
         )
 
@@ -93,7 +97,8 @@ class LoRAToSparseAtoms(io.ComfyNode):
                         "by importance, prunable like trained ones (keeping the top k is the best "
                         "rank-k approximation).",
             inputs=[io.Model.Input("model", tooltip="The model the LoRA is for (its layer names and shapes)."),
-                    io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"))],
+                    io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="A LoRA in models/loras, in any format the stock loader reads.")],
             outputs=[SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS")],
         )
 
@@ -109,7 +114,7 @@ def atomize_for_model(model, state: dict, name: str) -> sc.SparseAtoms:
     """Read a LoRA the way the stock loader does (its key map and adapters: LoRA, LoHa, LoKr...),
     take each patched weight's delta W, and atomize it."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    patches = comfy.lora.load_lora(state, key_map, log_missing=False)
+    patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(state), key_map, log_missing=False)
     layers = adaptable_layers(model)
     deltas = {}
     for weight_key, patch in patches.items():

@@ -66,17 +66,22 @@ def build_layer(weight: torch.Tensor, n_atoms: int, method: str = "svd", *, seed
 
 
 def build_atoms(weights: Mapping[str, torch.Tensor], n_atoms: int, method: str = "svd", *,
-                seed: int = 0, info: AtomsInfo | None = None,
+                seed: int = 0, info: AtomsInfo | None = None, fit_to_layer: bool = False,
                 progress: Callable[[int, int, str], None] | None = None) -> SparseAtoms:
     """Dictionaries for several weights ``{layer key: weight}``. Each layer's seed is derived
     from ``seed`` and its key, so a layer's atoms do not depend on which other layers are built.
-    ``progress(done, total, key)`` is called after each layer."""
+    With ``fit_to_layer``, ``svd`` dictionaries of layers smaller than ``n_atoms`` get
+    ``min(out, in')`` atoms instead of an error. ``progress(done, total, key)`` is called after
+    each layer."""
     if not weights:
         raise ValueError("weights is empty: no layer to build a dictionary for")
     layers = {}
     for done, (key, weight) in enumerate(weights.items(), start=1):
+        count = n_atoms
+        if fit_to_layer and method == "svd" and weight.ndim >= 2:
+            count = min(n_atoms, weight.shape[0], weight[0].numel())
         try:
-            layers[key] = build_layer(weight, n_atoms, method, seed=layer_seed(seed, key))
+            layers[key] = build_layer(weight, count, method, seed=layer_seed(seed, key))
         except ValueError as error:
             raise ValueError(f"layer {key!r}: {error}") from error
         if progress is not None:

@@ -247,3 +247,11 @@ def test_plain_module_patching_merges_and_restores_bit_exactly():
     with pytest.raises(KeyError, match="has no weight '1.weight'"):
         sc.patched_weights(net, sc.SparseAtoms({"diffusion_model.1": atoms["diffusion_model.0"]}),
                            prefix="diffusion_model.")
+
+
+def test_fit_to_layer_caps_svd_dictionaries_of_small_layers():
+    weights = {"small": torch.randn(4, 30), "large": torch.randn(16, 16)}
+    atoms = sc.build_atoms(weights, 8, "svd", fit_to_layer=True)
+    assert atoms["small"].n_atoms == 4 and atoms["large"].n_atoms == 8
+    with pytest.raises(ValueError, match="layer 'small'.*exceeds min"):
+        sc.build_atoms(weights, 8, "svd")

@@ -87,6 +87,18 @@ def test_shipped_workflows_load_and_run_from_the_page(server, path):
         assert not our_errors(page), page.errors
 
 
+@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("sdxl_*.json")), ids=lambda p: p.stem)
+def test_sdxl_workflows_load_with_every_node_known(server, path):
+    """They need the user's SDXL checkpoint to run; here they must load with no unknown node."""
+    with frontend_page(server.url) as page:
+        load_workflow(page, path)
+        types = page.evaluate("() => window.app.graph.nodes.map(n => [n.type, !!LiteGraph.registered_node_types[n.type]])")
+        expected = [node["type"] for node in json.loads(path.read_text())["nodes"]]
+        assert sorted(t for t, _ in types) == sorted(expected)
+        assert all(known for _, known in types), types
+        assert not our_errors(page), page.errors
+
+
 def editor_state(page):
     return page.evaluate(f"""() => {{
         const node = window.app.graph.nodes.find(n => n.type === "{EDITOR}");
@@ -214,3 +226,20 @@ def test_editor_redraws_an_sdxl_size_table_quickly_and_cleans_up(server, shots):
         }}""")
         tooltips_after = page.evaluate("() => document.querySelectorAll('.sparse-atoms-tooltip').length")
         assert tooltips_after == tooltips_before - 1
+
+
+def test_widget_colours_match_the_importance_image(server):
+    """The node's IMAGE output and the widget draw the same table with the same colours."""
+    import torch
+    import sparse_core as sc
+    from sparse_core._heatmap import PALETTE, colours
+
+    values = [0.0, 1e-4, 3e-3, 0.02, 0.1, 0.5, 1.0, 2.0]
+    low, high = 1e-3, 1.0
+    with frontend_page(server.url) as page:
+        js = page.evaluate("""async ([values, low, high, palette]) => {
+            const module = await import("/extensions/sparse_atoms/atom_heatmap.js");
+            return values.map(v => module.colour(v, low, high, palette));
+        }""", [values, low, high, PALETTE])
+    python = colours(torch.tensor(values), low, high).round().int().tolist()
+    assert js == python

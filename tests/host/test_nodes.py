@@ -207,3 +207,15 @@ def test_applied_atoms_stack_with_a_lora(node_classes, comfy_dirs):
     for key in trained:
         expected = base[f"{key}.weight"] + 1.5 * trained.delta(key)
         assert torch.allclose(got[f"{key}.weight"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_is_deterministic_for_a_fixed_seed(node_classes):
+    model = tiny_models.build("sd15")
+    atoms = build(node_classes, model)
+    first = train(node_classes, "sd15", model, atoms, steps=8)[1]
+    second = train(node_classes, "sd15", model, atoms, steps=8)[1]
+    other = train(node_classes, "sd15", model, atoms, steps=8, seed=1)[1]
+    for key in first:
+        assert torch.equal(first[key].coefficients, second[key].coefficients)
+        assert torch.equal(first[key].atoms, second[key].atoms)
+    assert any(not torch.equal(first[k].coefficients, other[k].coefficients) for k in first)

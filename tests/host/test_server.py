@@ -45,6 +45,7 @@ def test_object_info_lists_every_node_with_its_types(server):
         assert entry["category"].startswith("sparse_atoms")
         for name, spec in {**entry["input"]["required"], **entry["input"].get("optional", {})}.items():
             options = spec[1] if len(spec) > 1 else {}
+            assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
             if spec[0] in ("INT", "FLOAT"):
                 assert "min" in options and "max" in options, (node_id, name)
     assert info["SparseAtoms_TrainConcept"]["input"]["optional"]["atom_dict"][0] == "ATOM_DICT"

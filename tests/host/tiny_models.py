@@ -38,9 +38,16 @@ def build(arch: str, seed: int = 0):
     if arch in ("sd15", "sdxl"):
         config.unet_config.update(num_heads=2, num_head_channels=-1)
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
+    model = fill_random(config.get_model({}), seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def fill_random(model, seed: int = 0):
+    """comfy.ops layers skip initialisation: fill every parameter (fan-in scaled normal weights,
+    unit norm gains, zero biases) and zero the buffers left empty (e.g. SD3's pos_embed)."""
     generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # comfy.ops layers skip initialisation: fill every parameter
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2:
                 p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
@@ -48,11 +55,10 @@ def build(arch: str, seed: int = 0):
                 p.fill_(1.0)
             else:
                 p.zero_()
-        for buffer in model.diffusion_model.buffers():  # e.g. SD3's pos_embed, also left empty
+        for buffer in model.diffusion_model.buffers():
             if buffer.is_floating_point():
                 buffer.zero_()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return model
 
 
 def conditioning(arch: str, seed: int = 0, tokens: int = 8):
