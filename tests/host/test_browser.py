@@ -140,6 +140,8 @@ def test_atom_mask_editor_in_the_editing_workflow(server, shots):
         load_workflow(page, path)
         first = queue_and_wait(page, server)
         assert "execution_success" in server.messages(first), server.log_tail()
+        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                          .atomMaskEditor.state.table !== null""", timeout=30000)
         focus_editor(page)
         state = editor_state(page)
         pixels = canvas_pixels(state)
