@@ -52,7 +52,7 @@ def _cuda():
 
 
 MID_SDXL = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=128,
-                num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 2, 4],
+                num_res_blocks=[2, 2, 2], channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 4, 4],
                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 4, 4, 4], transformer_depth_middle=4,
                 use_spatial_transformer=True, legacy=False, context_dim=768,
                 num_classes="sequential", adm_in_channels=1280 + 6 * 256,

@@ -255,3 +255,16 @@ def test_fit_to_layer_caps_svd_dictionaries_of_small_layers():
     assert atoms["small"].n_atoms == 4 and atoms["large"].n_atoms == 8
     with pytest.raises(ValueError, match="layer 'small'.*exceeds min"):
         sc.build_atoms(weights, 8, "svd")
+
+
+def test_svd_of_a_large_layer_finds_the_top_directions():
+    """Large layers take the randomized path; with a decaying spectrum it matches the full SVD."""
+    generator = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(600, 600, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(500, 500, generator=generator))
+    spectrum = 0.9 ** torch.arange(500, dtype=torch.float32)
+    weight = (U[:, :500] * spectrum) @ V.T
+    layer = sc.build_layer(weight, 16, "svd")
+    overlap = (layer.atoms @ U[:, :16]).abs().diagonal()
+    assert bool((overlap > 0.999).all()), overlap.min()
+    assert torch.allclose(layer.atoms @ layer.atoms.T, torch.eye(16), atol=1e-4)
