@@ -216,14 +216,18 @@ def bench_apply_and_build(model_name, repeats):
         with torch.inference_mode():
             comfy_nodes.common_ksampler(which, 0, 10, 5.0, "euler", "normal", cond, negative, latent)
 
+    # Blocks of runs per model, alternating base / patched / base / patched, so that the
+    # machine's drift hits both; switching models (and the one-time merge of the patches) happens
+    # in an untimed warm-up run at the start of each block.
     times = {"base": [], "patched": []}
-    for which, patcher in (("base", model), ("patched", patched)):
-        mm.unload_all_models()
-        sample(patcher)  # warm-up, and the one-time merge of the patches for "patched"
-        for _ in range(repeats):
-            start = time.perf_counter()
+    for _ in range(2):
+        for which, patcher in (("base", model), ("patched", patched)):
+            mm.unload_all_models()
             sample(patcher)
-            times[which].append(time.perf_counter() - start)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                sample(patcher)
+                times[which].append(time.perf_counter() - start)
     return {"build_seconds": build_seconds, "layers": len(atoms), "atoms": atoms.n_atoms,
             "base": statistics.median(times["base"]), "patched": statistics.median(times["patched"])}
 
@@ -237,12 +241,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--skip-training", action="store_true", help="only the Apply and Build figures")
     args = parser.parse_args()
     models = ["tiny-sdxl"] if args.quick else ["tiny-sdxl", "mid-sdxl"]
     steps = {"tiny-sdxl": 21, "mid-sdxl": 6}
     lines = ["| model | trainer | s / step | peak memory (MiB) | time ratio | memory ratio |",
              "|---|---|---|---|---|---|"]
-    for model in models:
+    for model in ([] if args.skip_training else models):
         rows = bench_training(model, args.rank, steps[model], args.repeats)
         (ours_t, ours_m), (lora_t, lora_m) = rows["ours"], rows["lora"]
         lines.append(f"| {model} | Train Sparse Concept ({args.rank} atoms/layer) | {ours_t:.3f} | "
