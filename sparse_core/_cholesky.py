@@ -11,9 +11,9 @@ triangular solve: the new row of ``L`` is ``U[:t, j]``, its pivot is ``sqrt(G[j,
 and the new row of ``U`` is ``(G[j] - U[:t, j] @ U[:t]) / pivot``. Any vector ``y_I`` then maps to
 ``L^-1 y_I`` one entry per step: ``(y_j - l_row @ previous) / pivot``.
 
-The atoms a signal may pick can be all ``m`` atoms or a per-signal candidate list (a working set of
-``w`` atoms); :class:`GramRows` hands out the Gram rows restricted to it, and every index here is a
-position in that list.
+OMP uses :class:`BatchedCholesky`; the lasso path, whose Gram matrix is small enough to stay in
+cache, uses :class:`InverseCholesky`, which keeps ``L^-1`` and recomputes combinations of Gram rows
+instead of storing ``U``.
 """
 
 from __future__ import annotations
@@ -21,46 +21,13 @@ from __future__ import annotations
 import torch
 
 
-class GramRows:
-    """Rows of ``gram (m, m)`` seen by each signal: ``G[c[j], c]`` for its candidates ``c``.
-
-    ``candidates (b, w)`` lists each signal's atoms; ``None`` means all ``m`` atoms (``w = m``).
-    """
-
-    def __init__(self, gram: torch.Tensor, candidates: torch.Tensor | None = None):
-        self.gram = gram
-        self.candidates = candidates
-        self.width = gram.shape[0] if candidates is None else candidates.shape[1]
-
-    def global_index(self, j: torch.Tensor) -> torch.Tensor:
-        """Atom ids ``(b,)`` of positions ``j (b,)`` in the candidate lists."""
-        return self.global_index_all(j[:, None]).squeeze(1)
-
-    def global_index_all(self, positions: torch.Tensor) -> torch.Tensor:
-        """Atom ids ``(b, t)`` of positions ``(b, t)`` in the candidate lists."""
-        return positions if self.candidates is None else self.candidates.gather(1, positions)
-
-    def restrict(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-atom values ``(b, m)`` at each signal's candidates ``(b, w)``."""
-        return values if self.candidates is None else values.gather(1, self.candidates)
-
-    def diag(self, j: torch.Tensor) -> torch.Tensor:
-        """``G[c[j], c[j]]`` ``(b,)``."""
-        return self.gram.diagonal()[self.global_index(j)]
-
-    def rows(self, j: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``G[c[j], c]`` ``(b, w)``, written to ``out`` where possible."""
-        if self.candidates is None:
-            return torch.index_select(self.gram, 0, j, out=out)
-        flat = self.global_index(j)[:, None] * self.gram.shape[0] + self.candidates  # (b, w)
-        return out.copy_(self.gram.view(-1)[flat])
-
-
 class BatchedCholesky:
-    """Growing factors for ``batch`` signals, each over ``width`` candidate atoms."""
+    """Growing factors for ``batch`` signals over the atoms of ``gram (m, m)``."""
 
-    def __init__(self, width: int, batch: int, capacity: int, *, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(self, gram: torch.Tensor, batch: int, capacity: int):
+        dtype, device, width = gram.dtype, gram.device, gram.shape[0]
+        self.gram = gram
+        self.gram_diag = gram.diagonal()
         self.eps = torch.finfo(dtype).eps
         # Work buffers are allocated once and reused by every chunk (reset): on these machines
         # fresh pages cost more than the arithmetic done on them.
@@ -69,12 +36,10 @@ class BatchedCholesky:
         self._picked = torch.empty(batch, capacity, dtype=torch.long, device=device)
         self._rows = torch.arange(batch, device=device)
         self._product = torch.empty(batch, 1, width, dtype=dtype, device=device)
-        self.reset(GramRows(torch.zeros(width, width, dtype=dtype, device=device)), batch)
+        self.reset(batch)
 
-    def reset(self, gram_rows: GramRows, batch: int) -> None:
+    def reset(self, batch: int) -> None:
         """Start over for ``batch`` signals (at most the batch given at construction)."""
-        assert gram_rows.width == self._U.shape[2], (gram_rows.width, self._U.shape)
-        self.gram_rows = gram_rows
         self.U = self._U[:, :batch]
         self.L = self._L[:batch]
         self.L.zero_()
@@ -88,7 +53,7 @@ class BatchedCholesky:
         ``G[j, j]``, all ``(b,)`` but the row."""
         t = self.size
         l_row = self.U[:t, self.rows, j].T.contiguous() if t else self.U.new_zeros(len(j), 0)
-        gram_jj = self.gram_rows.diag(j)
+        gram_jj = self.gram_diag[j]
         return l_row, gram_jj - (l_row * l_row).sum(1), gram_jj
 
     def is_dependent(self, pivot_sq: torch.Tensor, gram_jj: torch.Tensor) -> torch.Tensor:
@@ -110,7 +75,7 @@ class BatchedCholesky:
         pivot = torch.where(keep, pivot_sq.clamp_min(self.eps).sqrt(), torch.ones_like(pivot_sq))
         l_row = l_row * keep[:, None]
         # New slab of U: (G[j] - l_row @ U[:t]) / pivot, written in place.
-        u = self.gram_rows.rows(j, out=self.U[t])
+        u = torch.index_select(self.gram, 0, j, out=self.U[t])
         if t:
             torch.bmm(l_row.unsqueeze(1), self.U[:t].transpose(0, 1), out=self.product)
             u.sub_(self.product.squeeze(1))
@@ -132,11 +97,10 @@ class BatchedCholesky:
         return torch.linalg.solve_triangular(L.transpose(1, 2), z.unsqueeze(2), upper=True).squeeze(2)
 
     def scatter(self, values: torch.Tensor, m: int) -> torch.Tensor:
-        """Dense codes ``(b, m)`` over all atoms from per-step values ``(b, t)``. Identity steps
-        carry zeros, so ``scatter_add`` never overwrites a real coefficient."""
-        picked = self.gram_rows.global_index_all(self.picked[:, : self.size])
+        """Dense codes ``(b, m)`` from per-step values ``(b, t)``. Identity steps carry zeros,
+        so ``scatter_add`` never overwrites a real coefficient."""
         codes = values.new_zeros(values.shape[0], m)
-        return codes.scatter_add_(1, picked, values)
+        return codes.scatter_add_(1, self.picked[:, : self.size], values)
 
     def _grow(self) -> None:
         """Double the capacity (the lasso path does not know its length in advance)."""
@@ -151,3 +115,81 @@ class BatchedCholesky:
         self._U, self._L, self._picked = U, L, picked
         batch = self.U.shape[1]
         self.U, self.L, self.picked = U[:, :batch], L[:batch], picked[:batch]
+
+
+class InverseCholesky:
+    """Growing inverse Cholesky factors ``Linv = L^-1`` (``G[I, I] = L @ L.T``) for ``batch``
+    signals over all atoms of a small Gram matrix, with no ``U``.
+
+    For the lasso path, where ``G`` is small enough to stay in cache: the new row of ``L`` is
+    ``Linv @ G[I, j]`` (a gather of ``t`` numbers and a small product), and any combination
+    ``G[:, I] @ L^-T @ y`` is recomputed from the cached Gram rows in one fused gather-sum
+    (``embedding_bag``) instead of streaming a ``(batch, k, m)`` buffer from memory.
+    """
+
+    def __init__(self, gram: torch.Tensor, batch: int, capacity: int):
+        self.gram = gram.contiguous()
+        self.m = gram.shape[0]
+        self.gram_diag = self.gram.diagonal()
+        self.eps = torch.finfo(gram.dtype).eps
+        self._Linv = gram.new_zeros(batch, capacity, capacity)
+        self._picked = torch.zeros(batch, capacity, dtype=torch.long, device=gram.device)
+        self.reset(batch)
+
+    def reset(self, batch: int) -> None:
+        self.Linv = self._Linv[:batch]
+        self.Linv.zero_()
+        self.picked = self._picked[:batch]
+        self.size = 0
+
+    def next_row(self, j: torch.Tensor):
+        """New row of ``L`` ``(b, t)``, squared pivot and ``G[j, j]`` for candidates ``j (b,)``."""
+        t = self.size
+        gram_jj = self.gram_diag[j]
+        if t == 0:
+            return j.new_zeros(len(j), 0, dtype=self.gram.dtype), gram_jj, gram_jj
+        g = self.gram.view(-1)[self.picked[:, :t] * self.m + j[:, None]]  # G[I, j], (b, t)
+        l_row = torch.bmm(self.Linv[:, :t, :t], g.unsqueeze(2)).squeeze(2)
+        return l_row, gram_jj - (l_row * l_row).sum(1), gram_jj
+
+    def is_dependent(self, pivot_sq, gram_jj):
+        return pivot_sq <= 100 * self.eps * gram_jj
+
+    def append(self, j, l_row, pivot_sq, keep):
+        """As :meth:`BatchedCholesky.append`: identity steps where not ``keep``."""
+        t = self.size
+        if t == self.Linv.shape[1]:
+            self._grow()
+        pivot = torch.where(keep, pivot_sq.clamp_min(self.eps).sqrt(), torch.ones_like(pivot_sq))
+        l_row = l_row * keep[:, None]
+        if t:  # row t of L^-1: -(l_row @ Linv[:t, :t]) / pivot
+            row = torch.bmm(l_row.unsqueeze(1), self.Linv[:, :t, :t]).squeeze(1)
+            self.Linv[:, t, :t] = -row / pivot[:, None]
+        self.Linv[:, t, t] = 1.0 / pivot
+        self.picked[:, t] = j
+        self.size = t + 1
+        return pivot, l_row
+
+    def solve_upper(self, z: torch.Tensor) -> torch.Tensor:
+        """``L.T^-1 @ z`` ``(b, t)``."""
+        t = self.size
+        return torch.bmm(self.Linv[:, :t, :t].transpose(1, 2), z.unsqueeze(2)).squeeze(2)
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """``G[:, I] @ L^-T @ y`` ``(b, m)`` for ``y (b, t)``."""
+        weights = self.solve_upper(y)
+        return torch.nn.functional.embedding_bag(self.picked[:, : self.size], self.gram,
+                                                 per_sample_weights=weights, mode="sum")
+
+    scatter = BatchedCholesky.scatter
+
+    def _grow(self) -> None:
+        b, k, _ = self._Linv.shape
+        new_k = min(2 * k, self.m)
+        Linv = self._Linv.new_zeros(b, new_k, new_k)
+        Linv[:, :k, :k] = self._Linv
+        picked = self._picked.new_zeros(b, new_k)
+        picked[:, :k] = self._picked
+        self._Linv, self._picked = Linv, picked
+        batch = self.Linv.shape[0]
+        self.Linv, self.picked = Linv[:batch], picked[:batch]

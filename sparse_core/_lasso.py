@@ -12,8 +12,10 @@ Method, for a chunk of signals at once, from precomputed ``G = D @ D.T`` and ``X
 1. **Homotopy** (Osborne, Presnell & Turlach, 2000; Efron et al., 2004, *Least angle regression*).
    Start at ``lam = max_j |Xy_j|`` where ``a = 0`` and lower ``lam`` to ``alpha``. Along the way
    the active atoms keep ``|correlation| = lam``; the next atom joins when its correlation reaches
-   ``lam``. Each join extends a Cholesky factor of ``G[S, S]`` by one row (shared with OMP, see
-   ``_cholesky``), so a step costs ``O(m * |S|)``. At ``lam = alpha`` the coefficients are
+   ``lam``. Each join extends the inverse Cholesky factor of ``G[S, S]`` by one row
+   (``_cholesky.InverseCholesky``), and the rate at which correlations move,
+   ``G[:, S] G[S, S]^-1 sign_S``, is one fused gather-sum over cached Gram rows, so a step costs
+   ``O(m * |S|)`` without streaming per-signal buffers. At ``lam = alpha`` the coefficients are
    ``G[S, S]^-1 (Xy[S] - alpha * sign_S)``.
 2. **Check**: that point is the lasso optimum exactly when the signs agree with the correlations
    and no inactive atom has ``|correlation| > alpha`` (the optimality conditions). A signal whose
@@ -32,7 +34,7 @@ import warnings
 
 import torch
 
-from ._cholesky import BatchedCholesky, GramRows
+from ._cholesky import InverseCholesky
 from ._select import argmax_abs, min_with_index
 from ._checks import (
     check_finite,
@@ -131,13 +133,14 @@ def lasso_gram(
     codes = torch.zeros(n, m, dtype=dtype, device=Xy.device)
     if init is not None:
         codes.copy_(init)
-    chunk = chunk_size or max(64, min(4096, _CHUNK_BYTES // (4 * m * 4)))
+    chunk = min(n, chunk_size or max(64, min(4096, _CHUNK_BYTES // (4 * m * 4))))
+    workspace = None if init is not None else _Workspace(gram_c, chunk, min(m, max_iter))
     unconverged = 0
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
         codes[rows], failed = _lasso_gram_core(
             gram_c, Xy[rows].to(dtype), norms_squared[rows].to(dtype), alpha, tol, max_iter,
-            codes[rows], warm=init is not None,
+            codes[rows], warm=init is not None, workspace=workspace,
         )
         unconverged += failed
     if unconverged:
@@ -175,12 +178,12 @@ def _duality_gap(codes, grad, Xy, norms, alpha):
     return primal, primal - dual
 
 
-def _lasso_gram_core(gram, Xy, norms, alpha, tol, max_iter, codes, warm):
+def _lasso_gram_core(gram, Xy, norms, alpha, tol, max_iter, codes, warm, workspace):
     """Unchecked solve for one chunk. Returns (codes (b, m), number unconverged)."""
     if warm:
         return _working_sets(gram, Xy, norms, alpha, tol, max_iter, codes)
-    codes = _homotopy(GramRows(gram), Xy, alpha, min(Xy.shape[1], max_iter))
-    primal, gap = _duality_gap(codes, codes @ gram - Xy, Xy, norms, alpha)
+    codes, codes_gram = _homotopy(gram, Xy, alpha, min(Xy.shape[1], max_iter), workspace)
+    primal, gap = _duality_gap(codes, codes_gram - Xy, Xy, norms, alpha)
     rest = gap > tol * primal
     if not bool(rest.any()):
         return codes, 0
@@ -189,24 +192,37 @@ def _lasso_gram_core(gram, Xy, norms, alpha, tol, max_iter, codes, warm):
     return codes, fails
 
 
-def _homotopy(gram_rows: GramRows, Xy, alpha, max_steps):
-    """The lasso path from ``a = 0`` down to ``alpha`` for ``Xy (b, m)`` without drop steps,
-    over each signal's candidate atoms.
+class _Workspace:
+    """The homotopy's buffers for chunks of up to ``batch`` signals, allocated once per call:
+    fresh pages cost more than the arithmetic done on them, so every chunk reuses them."""
 
-    Returns codes ``(b, m)``: the optimum wherever no coefficient had to leave the path and no
-    atom outside the candidates belongs in the support (the caller checks the duality gap).
+    def __init__(self, gram: torch.Tensor, batch: int, max_steps: int):
+        dtype, device, width = gram.dtype, gram.device, gram.shape[0]
+        self.factors = InverseCholesky(gram, batch, min(max_steps, 32))  # grows past 32 steps
+        self.planes = torch.empty(4, batch, width, dtype=dtype, device=device)
+        self.paths = torch.empty(2, batch, max_steps, dtype=dtype, device=device)
+
+    def take(self, b: int):
+        """(correlations, rate, w, n) ``(b, width)`` and (q, z) ``(b, max_steps)`` views."""
+        return (*self.planes[:, :b], *self.paths[:, :b])
+
+
+def _homotopy(gram, Xy, alpha, max_steps, workspace: _Workspace | None = None):
+    """The lasso path from ``a = 0`` down to ``alpha`` for ``Xy (b, m)`` without drop steps.
+
+    Returns codes ``(b, m)``, the optimum wherever no coefficient had to leave the path (the
+    caller checks the duality gap), and ``codes @ G`` ``(b, m)``.
     """
     b, m = Xy.shape
     tiny = torch.finfo(Xy.dtype).tiny
-    factors = BatchedCholesky(gram_rows.width, b, min(max_steps, 32), dtype=Xy.dtype,
-                              device=Xy.device)
-    factors.reset(gram_rows, b)
-    Xy = gram_rows.restrict(Xy)  # (b, w) from here on: positions in the candidate lists
-    correlations = Xy.clone()  # c = Xy - a G, the correlations with the residual
-    rate = torch.zeros_like(Xy)  # v = G[:, S] G[S, S]^-1 sign_S: dc/dlam along the path
-    q = Xy.new_zeros(b, max_steps)  # L^-1 sign_S
-    z = Xy.new_zeros(b, max_steps)  # L^-1 Xy[S]
-    buffer_w, buffer_n = torch.empty_like(Xy), torch.empty_like(Xy)
+    if workspace is None:
+        workspace = _Workspace(gram, b, max_steps)
+    factors = workspace.factors
+    factors.reset(b)
+    correlations, rate, buffer_w, buffer_n, q, z = workspace.take(b)
+    correlations.copy_(Xy)  # c = Xy - a G, the correlations with the residual
+    rate.zero_()  # v = G[:, S] G[S, S]^-1 sign_S: dc/dlam along the path
+    # q = L^-1 sign_S and z = L^-1 Xy[S]: column t is written before it is read
     j = argmax_abs(correlations)
     lam = correlations.gather(1, j[:, None]).squeeze(1).abs()
     done = lam <= alpha
@@ -219,7 +235,7 @@ def _homotopy(gram_rows: GramRows, Xy, alpha, max_steps):
         xy_j = Xy.gather(1, j[:, None]).squeeze(1)
         q[:, t] = (sign_j - (l_row * q[:, :t]).sum(1)) / pivot * keep
         z[:, t] = (xy_j - (l_row * z[:, :t]).sum(1)) / pivot * keep
-        rate.addcmul_(factors.new_u(), q[:, t : t + 1])
+        rate.copy_(factors.combine(q[:, : t + 1]))
         if bool(done.all()):
             break
         # Next join: inactive j reaches |c_j - g v_j| = lam - g at g = (lam - c_j) / (1 - v_j)
@@ -243,10 +259,15 @@ def _homotopy(gram_rows: GramRows, Xy, alpha, max_steps):
         done |= finishing | ~torch.isfinite(join_step)
     q, z = q[:, : factors.size], z[:, : factors.size]
     if factors.size == 0:
-        return torch.zeros(b, gram_rows.gram.shape[0], dtype=Xy.dtype, device=Xy.device)
+        zeros = torch.zeros(b, m, dtype=Xy.dtype, device=Xy.device)
+        return zeros, zeros.clone()
     # Where a signal stopped before alpha, lam > alpha: use its own lam (a point on its path).
     level = torch.maximum(lam, torch.full_like(lam, alpha))[:, None]
-    return factors.scatter(factors.solve_upper(z - level * q), gram_rows.gram.shape[0])
+    values = factors.solve_upper(z - level * q)
+    # codes @ G from the cached Gram rows of the support (not a dense (b, m) x (m, m) product)
+    codes_gram = torch.nn.functional.embedding_bag(factors.picked[:, : factors.size], factors.gram,
+                                                   per_sample_weights=values, mode="sum")
+    return factors.scatter(values, m), codes_gram
 
 
 def _working_sets(gram, Xy, norms, alpha, tol, max_iter, codes):

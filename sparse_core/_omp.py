@@ -29,7 +29,7 @@ import warnings
 
 import torch
 
-from ._cholesky import BatchedCholesky, GramRows
+from ._cholesky import BatchedCholesky
 from ._select import argmax_abs
 from ._checks import (
     check_finite,
@@ -150,12 +150,11 @@ def _omp_gram_chunks(gram, Xy, k, norms_squared, tol, chunk_size) -> torch.Tenso
     """Unchecked: codes ``(n, m)`` for ``Xy (n, m)`` in chunks that share one set of buffers."""
     n, m = Xy.shape
     chunk = min(n, chunk_size or max(16, min(2048, _CHUNK_BYTES // (4 * (k + 4) * m))))
-    factors = BatchedCholesky(m, chunk, k, dtype=Xy.dtype, device=Xy.device)
-    gram_rows = GramRows(gram)
+    factors = BatchedCholesky(gram, chunk, k)
     codes = torch.empty_like(Xy)
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
-        factors.reset(gram_rows, Xy[rows].shape[0])
+        factors.reset(Xy[rows].shape[0])
         norms = None if norms_squared is None else norms_squared[rows]
         codes[rows] = _omp_gram_core(factors, Xy[rows], k, norms, tol)
     return codes
