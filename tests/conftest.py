@@ -17,7 +17,7 @@ HOST_SKIP_LINE = ("host tests skipped: COMFYUI_PATH is not set (point it at a Co
                   "run tests/host)")
 
 if not COMFYUI_PATH:
-    collect_ignore_glob = ["host/*"]
+    collect_ignore = ["host"]
 
 
 def pytest_report_header(config):
