@@ -8,6 +8,7 @@ import { AtomMaskState } from "./atom_mask_state.js";
 import { HeatmapView } from "./atom_heatmap.js";
 
 const NODE = "SparseAtoms_MaskEditor";
+const DEFAULT_SIZE = [520, 440];  // node width, height in graph units
 
 function element(tag, attributes = {}, style = {}) {
   const node = document.createElement(tag);
@@ -191,6 +192,8 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
       this.atomMaskEditor = new AtomMaskEditor(this);
+      // Room for a readable heat-map from the start (a saved workflow's size still wins).
+      this.setSize([Math.max(this.size[0], DEFAULT_SIZE[0]), Math.max(this.size[1], DEFAULT_SIZE[1])]);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
