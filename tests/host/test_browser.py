@@ -111,6 +111,7 @@ def editor_state(page):
             rect: (() => {{ const r = canvas.getBoundingClientRect();
                            return [r.left, r.top, r.width, r.height]; }})(),
             rows: node.atomMaskEditor.state.table ? node.atomMaskEditor.state.table.layers.length : 0,
+            labelWidth: node.atomMaskEditor.view.labelWidth,
         }};
     }}""")
 
@@ -158,9 +159,10 @@ def test_atom_mask_editor_in_the_editing_workflow(server, shots):
 
         # Clicking cells toggles atoms: the status line and the serialized mask change.
         left, top, width, height = state["rect"]
+        labels = state["labelWidth"]
         before = state
         for fraction_x, fraction_y in ((0.2, 0.1), (0.3, 0.5), (0.15, 0.8)):
-            page.mouse.click(left + 64 + (width - 64) * fraction_x, top + height * fraction_y)
+            page.mouse.click(left + labels + (width - labels) * fraction_x, top + height * fraction_y)
         after_clicks = editor_state(page)
         assert after_clicks["mask"] != before["mask"] and after_clicks["mask"]
         assert after_clicks["status"] != before["status"]

@@ -23,6 +23,11 @@ function themeColour(name, fallback) {
   return value || fallback;
 }
 
+/** A layer's name inside its block: ``attn1.to_out.0`` for ``blocks.3.attn1.to_out.0``. */
+function withinBlock(row) {
+  return row.name.startsWith(`${row.group}.`) ? row.name.slice(row.group.length + 1) : row.name;
+}
+
 export class HeatmapView {
   constructor(canvas) {
     this.canvas = canvas;
@@ -86,20 +91,23 @@ export class HeatmapView {
     });
     octx.putImageData(image, 0, 0);
     ctx.imageSmoothingEnabled = false;
+    // Row labels: every row when there is room, else the first row of each block; the label
+    // column is as wide as its longest label, up to a third of the canvas.
+    const rowHeight = height / rows;
+    const rowLabel = (row) => rowHeight >= 9 ? `${row.label} ${withinBlock(row)}` : row.group;
+    ctx.font = `${Math.max(8, Math.min(11, rowHeight - 1))}px sans-serif`;
+    const longest = Math.max(...table.layers.map((row) => ctx.measureText(rowLabel(row)).width));
+    this.labelWidth = Math.round(Math.min(width / 3, Math.max(48, longest + 6)));
     const cellsWidth = width - this.labelWidth;
     ctx.drawImage(this.offscreen, this.labelWidth, 0, cellsWidth, height);
-    // Row labels: every row when there is room, else the first row of each block.
-    const rowHeight = height / rows;
     ctx.fillStyle = text;
-    ctx.font = `${Math.max(8, Math.min(11, rowHeight - 1))}px sans-serif`;
     ctx.textBaseline = "middle";
     let lastY = -Infinity;
     table.layers.forEach((row, r) => {
       const y = (r + 0.5) * rowHeight;
       const first = r === 0 || table.layers[r - 1].group !== row.group;
       if ((rowHeight >= 9 || first) && y - lastY >= 10) {
-        const label = rowHeight >= 9 ? `${row.label} ${row.name.split(".").slice(-2).join(".")}` : row.group;
-        ctx.fillText(label.slice(0, 14), 2, y);
+        ctx.fillText(rowLabel(row), 2, y, this.labelWidth - 4);
         lastY = y;
       }
       if (first && r > 0) {
