@@ -36,6 +36,11 @@ from sklearn.decomposition import MiniBatchDictionaryLearning, sparse_encode  # 
 from sklearn.linear_model import orthogonal_mp_gram  # noqa: E402
 
 
+def spread(values):
+    """Median, min and max of ``values``."""
+    return statistics.median(values), min(values), max(values)
+
+
 def timed(fn, repeats):
     """Median, min, max wall seconds of ``repeats`` runs, and the last result."""
     times, result = [], None
@@ -45,7 +50,7 @@ def timed(fn, repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times), result
+    return (*spread(times), result)
 
 
 def bench_omp(n, d, m, k, repeats, device):
@@ -142,8 +147,7 @@ def bench_dictionary(repeats, device, quick):
         raise RuntimeError(f"ours did not reach recovery {level}: {our_runs}")
     note = "" if level >= target else f" (scikit-learn peaked at {best:.3f} < {target})"
     return dict(task=f"dictionary learning n={n} 640x320 k=8, time to recovery {level:.3f}{note}",
-                ours=(statistics.median(ours), min(ours), max(ours)),
-                theirs=(statistics.median(theirs), min(theirs), max(theirs)),
+                ours=spread(ours), theirs=spread(theirs),
                 quality=f"recovery reached: ours {[round(h[-1][1], 3) for h in our_runs]}, "
                         f"scikit-learn {[round(h[-1][1], 3) for h in sklearn_runs]}")
 

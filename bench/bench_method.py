@@ -37,9 +37,8 @@ from digits.concept import (PREFIX, ConceptSettings, build_dictionary, flow_loss
                             sample_prompts, train_concept)
 from digits.data import embolden, images_of, load_digits, stroke_mass  # noqa: E402
 from digits.evaluator import DigitEvaluator, reference_similarity  # noqa: E402
-from digits.prompts import CONCEPT_PROMPT, DIGITS, HELD_OUT, STYLE_WORD, tokenize_many  # noqa: E402
+from digits.prompts import CONCEPT_PROMPT, HELD_OUT, STYLE_WORD, TRAINED_DIGITS, tokenize_many  # noqa: E402
 
-TRAINED = [d for d in DIGITS if d != str(HELD_OUT)]
 PER_PROMPT = 32
 
 
@@ -60,18 +59,16 @@ class Bench:
         self.kv_weights = sc.linear_weights(self.dit, r"attn2\.to_[kv]$", prefix=PREFIX)
 
     def score(self, seed, **applied):
-        samples = sample_prompts(self.dit, self.encoder, [CONCEPT_PROMPT, *TRAINED], PER_PROMPT,
-                                 seed=1000 + seed, **applied)
+        samples = sample_prompts(self.dit, self.encoder, [CONCEPT_PROMPT, *TRAINED_DIGITS],
+                                 PER_PROMPT, seed=1000 + seed, **applied)
         fidelity = self.evaluator.share(samples[CONCEPT_PROMPT], HELD_OUT)
-        images = torch.cat([samples[p] for p in TRAINED])
-        target = torch.tensor([int(p) for p in TRAINED for _ in range(PER_PROMPT)])
-        preservation = float((self.evaluator.classify(images) == target).float().mean())
+        preservation = self.evaluator.accuracy({d: samples[d] for d in TRAINED_DIGITS})
         return fidelity, preservation, samples[CONCEPT_PROMPT]
 
     # -- 1 and 2 ---------------------------------------------------------------------------
     def concept_data(self, seed):
         refs = images_of(HELD_OUT, 8, seed=seed)
-        prior = prior_set(self.dit, self.encoder, TRAINED, 16, seed=500 + seed)
+        prior = prior_set(self.dit, self.encoder, TRAINED_DIGITS, 16, seed=500 + seed)
         return refs, prior
 
     def sparse(self, seed, budget, data):

@@ -8,12 +8,13 @@ embeddings); metadata ``config`` (model settings), ``vocab``, ``held_out`` and `
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
+
+import sparse_core as sc
 
 from .model import DEFAULT_CONFIG, DigitsDiT, PromptEncoder
 from .prompts import LENGTH, VOCAB
@@ -28,9 +29,7 @@ def save_checkpoint(dit: DigitsDiT, encoder: PromptEncoder, path, *, config: dic
                     for k, v in encoder.state_dict().items()})
     metadata = {"config": json.dumps(config), "vocab": json.dumps(VOCAB), "held_out": str(held_out),
                 "training": json.dumps(training)}
-    temporary = f"{path}.tmp"
-    save_file(tensors, temporary, metadata=metadata)
-    os.replace(temporary, path)
+    sc.write_atomic(path, save(tensors, metadata=metadata))
 
 
 def read_metadata(path=MODEL_PATH) -> dict:

@@ -27,9 +27,7 @@ from .concept import ConceptSettings, build_dictionary, prior_set, sample_prompt
 from .data import images_of
 from .evaluator import DigitEvaluator, reference_similarity
 from .images import grid, save_each
-from .prompts import CONCEPT_PROMPT, DIGITS, HELD_OUT
-
-TRAINED = [d for d in DIGITS if d != str(HELD_OUT)]
+from .prompts import CONCEPT_PROMPT, DIGITS, HELD_OUT, TRAINED_DIGITS
 
 
 def run(out: str, *, settings: ConceptSettings, references: int = 8, per_prompt: int = 32,
@@ -46,7 +44,7 @@ def run(out: str, *, settings: ConceptSettings, references: int = 8, per_prompt:
 
     prompts = [CONCEPT_PROMPT, *DIGITS]
     before = sample_prompts(dit, encoder, prompts, per_prompt, seed=settings.seed + 1)
-    prior = prior_set(dit, encoder, TRAINED, 16, seed=settings.seed + 2)
+    prior = prior_set(dit, encoder, TRAINED_DIGITS, 16, seed=settings.seed + 2)
     atoms = build_dictionary(dit, settings)
     say(f"dictionary: {len(atoms)} layers ({settings.preset}), {atoms.n_atoms} atoms "
         f"({settings.method}); training {settings.steps} steps, budget {settings.budget} atoms")
@@ -68,16 +66,15 @@ def run(out: str, *, settings: ConceptSettings, references: int = 8, per_prompt:
     from PIL import Image
     Image.fromarray(sc.importance_heatmap(table).numpy()).save(os.path.join(out, "importance.png"))
 
-    trainable = atoms.n_parameters(atoms=settings.train_atoms, readouts=settings.train_readouts
-                                   if hasattr(settings, "train_readouts") else False)
+    trainable = atoms.n_parameters(atoms=settings.train_atoms, readouts=False)  # readouts stay fixed
     report = {
         "concept_prompt": CONCEPT_PROMPT,
         "concept_digit": HELD_OUT,
         "fidelity": evaluator.share(after[CONCEPT_PROMPT], HELD_OUT),
         "fidelity_before": evaluator.share(before[CONCEPT_PROMPT], HELD_OUT),
         "reference_similarity": reference_similarity(after[CONCEPT_PROMPT], refs),
-        "preservation": _accuracy(evaluator, after, TRAINED),
-        "preservation_base_model": _accuracy(evaluator, before, TRAINED),
+        "preservation": evaluator.accuracy({d: after[d] for d in TRAINED_DIGITS}),
+        "preservation_base_model": evaluator.accuracy({d: before[d] for d in TRAINED_DIGITS}),
         "atoms_kept": kept.n_atoms,
         "atoms_total": atoms.n_atoms,
         "layers": len(atoms),
@@ -96,12 +93,6 @@ def run(out: str, *, settings: ConceptSettings, references: int = 8, per_prompt:
         json.dump(report, stream, indent=1)
     say(_summary(report, out))
     return report
-
-
-def _accuracy(evaluator, samples, prompts):
-    images = torch.cat([samples[p] for p in prompts])
-    target = torch.tensor([int(p) for p in prompts for _ in range(len(samples[p]))])
-    return float((evaluator.classify(images) == target).float().mean())
 
 
 def _summary(r, out):

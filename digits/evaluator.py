@@ -48,6 +48,12 @@ class DigitEvaluator:
         """Share of ``images`` classified as ``digit``."""
         return float((self.classify(images) == digit).float().mean())
 
+    def accuracy(self, samples: dict[str, torch.Tensor]) -> float:
+        """Share of all ``{digit prompt: images (N, 1, 8, 8)}`` classified as their prompt's digit."""
+        images = torch.cat(list(samples.values()))
+        target = torch.tensor([int(prompt) for prompt, batch in samples.items() for _ in batch])
+        return float((self.classify(images) == target).float().mean())
+
 
 def _features(images: torch.Tensor) -> np.ndarray:
     grey = ((images.detach().cpu().float() + 1.0) * 8.0).clamp(0, 16)

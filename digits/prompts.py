@@ -15,6 +15,7 @@ SPARE = ["sks", "bold", "zq", "vx"]  # never trained: for concepts and styles
 VOCAB = ["<bos>", "<pad>", *DIGITS, *SPARE]
 LENGTH = 4
 HELD_OUT = 3
+TRAINED_DIGITS = [d for d in DIGITS if d != str(HELD_OUT)]  # the base model's prompts
 CONCEPT_PROMPT = "sks"
 STYLE_WORD = "bold"
 

@@ -21,19 +21,17 @@ from .checkpoint import save_checkpoint
 from .data import load_digits
 from .evaluator import DigitEvaluator
 from .model import DEFAULT_CONFIG, DigitsDiT, PromptEncoder
-from .prompts import DIGITS, HELD_OUT, LENGTH, VOCAB, tokenize, tokenize_many
+from .prompts import HELD_OUT, LENGTH, TRAINED_DIGITS, VOCAB, tokenize, tokenize_many
 from .sampling import sample
 
 
 def evaluate(dit, encoder, evaluator, per_digit=50, seed=1234):
-    digits = [d for d in range(10) if d != HELD_OUT]
-    prompts = [str(d) for d in digits for _ in range(per_digit)]
+    prompts = [d for d in TRAINED_DIGITS for _ in range(per_digit)]
     context = encoder(tokenize_many(prompts))
     uncond = encoder(tokenize("")[None])
     images = sample(dit, context, uncond, seed=seed)
-    predicted = evaluator.classify(images)
-    target = torch.tensor([d for d in digits for _ in range(per_digit)])
-    return float((predicted == target).float().mean())
+    return evaluator.accuracy({d: images[i * per_digit:(i + 1) * per_digit]
+                               for i, d in enumerate(TRAINED_DIGITS)})
 
 
 def main():

@@ -37,7 +37,7 @@ def safe_target(folder: str, name: str, what: str) -> str:
         raise ValueError(f"{what}: the file name is empty")
     if os.path.isabs(cleaned) or re.match(r"^[A-Za-z]:", cleaned) or "\\" in cleaned:
         raise ValueError(f"{what}: file name {name!r} must be a plain relative name, not a path")
-    parts = cleaned.replace("\\", "/").split("/")
+    parts = cleaned.split("/")
     if any(part in ("..", "") or part.startswith(".") for part in parts):
         raise ValueError(f"{what}: file name {name!r} tries to leave {folder} (no '..', no empty or "
                          "hidden parts)")

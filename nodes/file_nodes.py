@@ -84,7 +84,7 @@ class SparseAtomsToLoRA(io.ComfyNode):
             raise ValueError("Sparse Atoms to LoRA: no atom has a non-zero coefficient; nothing to export")
         data = save_safetensors(state, metadata={"sparse_atoms_format": format,
                                                  "architecture": sparse_atoms.info.architecture})
-        _atomic_write(target, data)
+        sc.write_atomic(target, data)
         return io.NodeOutput(ui={"text": [f"wrote {os.path.basename(target)} ({len(state)} tensors)"]})
 
 
@@ -148,18 +148,6 @@ def _plain_lora_factors(patch, shape):
     scale = (alpha / rank) if alpha is not None else 1.0
     return sc.LowRankDelta(up.float().reshape(up.shape[0], rank) * scale,
                            down.float().reshape(rank, -1), shape)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 NODES = [SaveSparseAtoms, LoadSparseAtoms, SparseAtomsToLoRA, LoRAToSparseAtoms]

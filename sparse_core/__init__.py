@@ -14,7 +14,7 @@ from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
 from ._training import (TrainingResult, budget_schedule, sparse_step_, train_atoms,
                         trainable_parameters)
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
-                     load_atoms, save_atoms, tensor_name)
+                     load_atoms, save_atoms, tensor_name, write_atomic)
 from ._heatmap import importance_heatmap, importance_table
 from ._modules import apply_atoms, linear_weights, patched_weights
 from ._lora import LORA_FORMATS, LowRankDelta, atomize, atomize_lora, lora_deltas, to_lora
@@ -27,7 +27,7 @@ __all__ = [
     "DICTIONARY_METHODS", "build_atoms", "build_layer",
     "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms", "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
-    "load_atoms", "save_atoms", "tensor_name",
+    "load_atoms", "save_atoms", "tensor_name", "write_atomic",
     "importance_heatmap", "importance_table",
     "apply_atoms", "linear_weights", "patched_weights",
     "LORA_FORMATS", "LowRankDelta", "atomize", "atomize_lora", "lora_deltas", "to_lora",

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import struct
-import tempfile
+import uuid
 
 import torch
 from safetensors.torch import load as _load_tensors
@@ -82,13 +82,19 @@ def atoms_to_bytes(atoms: SparseAtoms) -> bytes:
 
 def save_atoms(atoms: SparseAtoms, path: str | os.PathLike) -> None:
     """Write ``atoms`` to ``path`` atomically: readers see the old file or the new one."""
-    data = atoms_to_bytes(atoms)
+    write_atomic(path, atoms_to_bytes(atoms))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
+    readers see the old file or the new one, never a part; a failed write leaves no file behind."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".sparse_atoms-", suffix=".tmp", dir=folder)
+    # A fresh name opened exclusively, not mkstemp: the file gets the usual umask permissions.
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with open(temporary, "xb") as stream:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())

@@ -43,23 +43,25 @@ def test_truncated_files(length):
     loads_or_refuses(VALID[:length])
 
 
+def with_bits_flipped(data: bytes, flips) -> bytes:
+    """``data`` with bit ``bit`` of byte ``position`` inverted for each ``(position, bit)``."""
+    flipped = bytearray(data)
+    for position, bit in flips:
+        flipped[position] ^= 1 << bit
+    return bytes(flipped)
+
+
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 7)), min_size=1, max_size=6))
 def test_bit_flips_anywhere(flips):
-    data = bytearray(VALID)
-    for position, bit in flips:
-        data[position] ^= 1 << bit
-    loads_or_refuses(bytes(data))
+    loads_or_refuses(with_bits_flipped(VALID, flips))
 
 
 @FUZZ
 @given(st.lists(st.tuples(st.integers(8, 8 + HEADER_LENGTH - 1), st.integers(0, 7)), min_size=1,
                 max_size=4))
 def test_bit_flips_in_the_header(flips):
-    data = bytearray(VALID)
-    for position, bit in flips:
-        data[position] ^= 1 << bit
-    loads_or_refuses(bytes(data))
+    loads_or_refuses(with_bits_flipped(VALID, flips))
 
 
 @FUZZ
