@@ -88,12 +88,24 @@ def test_sdxl_workflows_validate_except_for_the_users_files(server, name, missin
 
 
 def test_bad_prompt_word_is_refused_before_running(server):
-    graph = {"1": {"class_type": "SparseAtoms_DigitPrompt", "inputs": {"prompt": "eleven"}},
-             "2": {"class_type": "SparseAtoms_EmptyDigitsLatent", "inputs": {"batch_size": 1}}}
+    """A whole digits graph (so ComfyUI validates it) whose positive prompt has an unknown word."""
+    graph = {
+        "1": {"class_type": "SparseAtoms_LoadDigitsModel", "inputs": {}},
+        "2": {"class_type": "SparseAtoms_DigitPrompt", "inputs": {"prompt": "eleven"}},
+        "3": {"class_type": "SparseAtoms_DigitPrompt", "inputs": {"prompt": ""}},
+        "4": {"class_type": "SparseAtoms_EmptyDigitsLatent", "inputs": {"batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0],
+            "seed": 0, "steps": 2, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+            "denoise": 1.0}},
+        "6": {"class_type": "SparseAtoms_DigitsToImage", "inputs": {"latent": ["5", 0], "scale": 4}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 0]}},
+    }
     status, reply = server.queue(graph)
     assert status == 400
-    text = json.dumps(reply)
-    assert "not in the digits vocabulary" in text or "no outputs" in text.lower()
+    errors = reply["node_errors"]["2"]["errors"]
+    assert "'eleven' is not in the digits vocabulary" in json.dumps(errors), errors
+    assert list(reply["node_errors"]) == ["2"], reply["node_errors"]
 
 
 def test_a_failing_node_reports_a_clear_error(server):
