@@ -35,7 +35,9 @@ class SparseAtomsAdapter(WeightAdapterBase):
                          intermediate_dtype=torch.float32, original_weight=None):
         if offset is not None:
             raise ValueError(f"sparse atoms patch {key!r}: sliced (offset) patches are not supported")
-        delta = self.layer.delta().to(device=weight.device, dtype=intermediate_dtype)
+        # The factors travel to the weight's device and delta W is built there, in ComfyUI's
+        # intermediate dtype (fp32 unless the user chose otherwise), then cast to the weight's.
+        delta = self.layer.delta(weight.device, intermediate_dtype)
         weight += function(strength * delta).to(weight.dtype)
         return weight
 
@@ -49,14 +51,28 @@ class AtomsWeightWrapper(torch.nn.Module):
         self.layer = layer
 
     def __call__(self, weight):
-        return weight + self.layer.delta().to(weight.dtype)
+        # delta W in fp32 on the weight's device (from the small factors), added in the weight's
+        # compute dtype.
+        return weight + self.layer.delta(weight.device).to(weight.dtype)
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        layer = self.layer
+        return layer.atoms, layer.readouts, layer.coefficients, layer.index
 
     def passive_memory_usage(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.layer.atoms, self.layer.readouts,
-                                                            self.layer.coefficients))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def move_to(self, device=None):
-        return self.passive_memory_usage()  # the atoms are moved once, before training
+        """ComfyUI moves weight functions with their module: the atoms follow (in place, so the
+        optimizer's tensors stay the same objects). Returns the bytes held on ``device``."""
+        if device is None:
+            return 0
+        for tensor in self._tensors():
+            if tensor.device != torch.device(device):
+                tensor.data = tensor.data.to(device)
+                if tensor.grad is not None:
+                    tensor.grad.data = tensor.grad.data.to(device)
+        return self.passive_memory_usage()
 
 
 def adaptable_layers(model_patcher) -> dict[str, torch.nn.Module]:

@@ -6,6 +6,7 @@ For a frozen weight ``W (out, in, *kernel)`` a layer holds ``m`` atoms::
     readouts     C (m, in')   which input features drive each atom, in' = in * prod(kernel)
     coefficients s (m,)       sparse; zero at initialisation
     index          (m,)       each atom's id in the layer's dictionary (survives masking)
+    effect         (m,)       optional: each atom's measured effect (>= 0), or None
 
     delta W = D.T @ diag(s) @ C          (reshaped to W's shape)
 
@@ -13,8 +14,13 @@ so the change of the layer's output is ``sum_i s_i (c_i . x) d_i``: a sparse com
 :meth:`AtomLayer.delta` is the only place where ``delta W`` is computed; patching, export,
 importance and pruning all go through it or through the same factors.
 
-The importance of atom ``i`` is ``|s_i| * ||d_i|| * ||c_i||``, the Frobenius norm of its share of
-``delta W``. Masking keeps any subset of atoms (rows), so an atom keeps its identity
+An atom's **importance** is its measured **effect** (``AtomLayer.effect``): how much the model's
+prediction on calibration data changes when the atom is removed (see :mod:`sparse_core._effects`).
+Atoms without measured effects fall back to the **weight norm** ``|s_i| * ||d_i|| * ||c_i||`` (the
+Frobenius norm of the atom's share of ``delta W``), which does not predict what an atom does across
+layers whose outputs enter the network differently; :attr:`SparseAtoms.importance_kind` says which
+one is in use. One ranking (:meth:`SparseAtoms.ranking`) serves density, top-k, budgets, masks and
+the heat-map. Masking keeps any subset of atoms (rows), so an atom keeps its identity
 ``(layer key, index)``; people see it as ``L{layer number}[{index}]``.
 """
 
@@ -46,6 +52,7 @@ class AtomLayer:
     coefficients: torch.Tensor
     index: torch.Tensor
     weight_shape: tuple[int, ...]
+    effect: torch.Tensor | None = None
 
     def __post_init__(self):
         self.weight_shape = tuple(int(n) for n in self.weight_shape)
@@ -71,6 +78,12 @@ class AtomLayer:
                 raise TypeError(f"{name} must be floating point, got {getattr(self, name).dtype}")
         if self.index.dtype != torch.int64:
             raise TypeError(f"index must be int64, got {self.index.dtype}")
+        if self.effect is not None:
+            if not isinstance(self.effect, torch.Tensor) or not self.effect.is_floating_point():
+                raise TypeError(f"effect must be a floating-point torch.Tensor or None, got "
+                                f"{getattr(self.effect, 'dtype', type(self.effect).__name__)}")
+            if tuple(self.effect.shape) != (m,):
+                raise ValueError(f"effect must have shape ({m},), got {tuple(self.effect.shape)}")
 
     @property
     def out_features(self) -> int:
@@ -84,14 +97,32 @@ class AtomLayer:
     def n_atoms(self) -> int:
         return int(self.atoms.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        """``delta W = D.T @ diag(s) @ C`` with the weight's shape, computed in fp32 (fp64 stays
-        fp64) so that small atoms are not lost; callers cast to the weight's dtype."""
-        dtype = _compute_dtype(self.atoms)
-        scaled = self.readouts.to(dtype) * self.coefficients.to(dtype)[:, None]  # (m, in')
-        return (self.atoms.to(dtype).T @ scaled).reshape(self.weight_shape)  # (out, in')
+    def factors(self, device=None, dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(up (out, m), down (m, in'))`` with ``delta W = up @ down``: ``up = D.T`` and
+        ``down = diag(s) @ C``. The small factors are moved to ``device`` first and cast to
+        ``dtype`` (default fp32, fp64 stays fp64: products of many small atoms in half precision
+        lose the small ones), so ``delta W`` is only ever built where it is used. Differentiable."""
+        dtype = dtype or _compute_dtype(self.atoms)
+        up = self.atoms.to(device=device, dtype=dtype).T  # (out, m)
+        down = (self.readouts.to(device=device, dtype=dtype)
+                * self.coefficients.to(device=device, dtype=dtype)[:, None])  # (m, in')
+        return up, down
+
+    def delta(self, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``delta W = D.T @ diag(s) @ C`` with the weight's shape, built on ``device`` in ``dtype``
+        from :meth:`factors` (the only place ``delta W`` is computed); callers cast the result to
+        the weight's dtype."""
+        up, down = self.factors(device, dtype)
+        return (up @ down).reshape(self.weight_shape)  # (out, in') -> weight_shape
 
     def importance(self) -> torch.Tensor:
+        """The measured effect ``(m,)`` when there is one, else :meth:`weight_norm`."""
+        if self.effect is not None:
+            return self.effect.detach().to(_compute_dtype(self.atoms))
+        return self.weight_norm()
+
+    def weight_norm(self) -> torch.Tensor:
         """``|s_i| * ||d_i|| * ||c_i||`` ``(m,)`` in fp32 (fp64 stays fp64)."""
         dtype = _compute_dtype(self.atoms)
         return (
@@ -107,14 +138,17 @@ class AtomLayer:
         if tuple(keep.shape) != (self.n_atoms,):
             raise ValueError(f"keep must have shape ({self.n_atoms},), got {tuple(keep.shape)}")
         keep = keep.to(self.atoms.device)
+        effect = None if self.effect is None else self.effect[keep.to(self.effect.device)]
         return AtomLayer(self.atoms[keep], self.readouts[keep], self.coefficients[keep],
-                         self.index[keep], self.weight_shape)
+                         self.index[keep], self.weight_shape, effect)
 
     def map_tensors(self, fn) -> "AtomLayer":
-        """A layer whose float tensors are ``fn(tensor)`` (e.g. a device or dtype move)."""
+        """A layer whose float tensors are ``fn(tensor)`` (e.g. a device or dtype move); the
+        effects stay float32 on the coefficients' device."""
         coefficients = fn(self.coefficients)
+        effect = None if self.effect is None else fn(self.effect).to(torch.float32)
         return AtomLayer(fn(self.atoms), fn(self.readouts), coefficients,
-                         self.index.to(coefficients.device), self.weight_shape)
+                         self.index.to(coefficients.device), self.weight_shape, effect)
 
 
 @dataclass
@@ -125,6 +159,7 @@ class AtomsInfo:
     dictionary_method: str = ""
     prompt: str = ""
     training: dict = field(default_factory=dict)
+    effects: dict = field(default_factory=dict)  # how the stored effects were measured
 
 
 @dataclass
@@ -217,13 +252,30 @@ class SparseAtoms:
         """``delta W`` of one layer (see :meth:`AtomLayer.delta`)."""
         return self[key].delta()
 
+    @property
+    def importance_kind(self) -> str:
+        """``"effect"`` when every layer with atoms has measured effects, else ``"weight norm"``
+        (one definition for the whole model: effects and weight norms are not comparable)."""
+        layers = [layer for layer in self.layers.values() if layer.n_atoms]
+        if layers and all(layer.effect is not None for layer in layers):
+            return "effect"
+        return "weight norm"
+
     def importance(self) -> dict[str, torch.Tensor]:
-        return {key: layer.importance() for key, layer in self.layers.items()}
+        """``{key: importance (m,)}`` of the kind :attr:`importance_kind` names."""
+        use_effect = self.importance_kind == "effect"
+        return {key: layer.importance() if use_effect else layer.weight_norm()
+                for key, layer in self.layers.items()}
+
+    def without_effects(self) -> "SparseAtoms":
+        """The same atoms with no stored effects (after they change, e.g. by training)."""
+        layers = {key: replace(layer, effect=None) for key, layer in self.layers.items()}
+        return SparseAtoms(layers, replace(self.info, effects={}))
 
     def ranking(self) -> AtomRanking:
         """Every atom of the model, most important first; ties keep layer then row order."""
         keys = self.keys()
-        parts = [layer.importance().cpu().double() for layer in self.layers.values()]
+        parts = [value.cpu().double() for value in self.importance().values()]
         importance = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         layer = torch.cat([torch.full((len(p),), n, dtype=torch.long) for n, p in enumerate(parts)]
                           ) if parts else torch.zeros(0, dtype=torch.long)
@@ -253,9 +305,9 @@ class SparseAtoms:
             raise ValueError(f"k must be >= 0, got {k}")
         if per_layer:
             masks = {}
-            for key, layer in self.layers.items():
-                mask = torch.zeros(layer.n_atoms, dtype=torch.bool)
-                order = torch.sort(-layer.importance().cpu(), stable=True).indices
+            for key, importance in self.importance().items():
+                mask = torch.zeros(len(importance), dtype=torch.bool)
+                order = torch.sort(-importance.cpu(), stable=True).indices
                 mask[order[:k]] = True
                 masks[key] = mask
             return masks
@@ -278,9 +330,11 @@ class SparseAtoms:
             raise ValueError(f"density must be in [0, 1], got {density}")
         if per_layer:
             masks = {}
-            for key, layer in self.layers.items():
-                keep = math.ceil(density * layer.n_atoms)
-                masks[key] = SparseAtoms({key: layer}).top_k_mask(keep)[key]
+            for key, importance in self.importance().items():
+                order = torch.sort(-importance.cpu(), stable=True).indices
+                mask = torch.zeros(len(importance), dtype=torch.bool)
+                mask[order[: math.ceil(density * len(importance))]] = True
+                masks[key] = mask
             return masks
         return self.top_k_mask(math.ceil(density * self.n_atoms))
 
@@ -297,7 +351,7 @@ class SparseAtoms:
     def clone(self) -> "SparseAtoms":
         return SparseAtoms(
             {k: layer.map_tensors(lambda t: t.detach().clone()) for k, layer in self.layers.items()},
-            replace(self.info, training=dict(self.info.training)),
+            replace(self.info, training=dict(self.info.training), effects=dict(self.info.effects)),
         )
 
     def __repr__(self) -> str:
