@@ -29,7 +29,7 @@ def save_checkpoint(dit: DigitsDiT, encoder: PromptEncoder, path, *, config: dic
                     for k, v in encoder.state_dict().items()})
     metadata = {"config": json.dumps(config), "vocab": json.dumps(VOCAB), "held_out": str(held_out),
                 "training": json.dumps(training)}
-    sc.write_atomic(path, save(tensors, metadata=metadata))
+    sc.write_atomic(path, save(tensors, metadata=metadata), overwrite=True)
 
 
 def read_metadata(path=MODEL_PATH) -> dict:

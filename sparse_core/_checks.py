@@ -7,9 +7,17 @@ for bad types.
 Dtype policy: half-precision inputs (float16, bfloat16) are computed in float32, float32 stays
 float32 (GEMM speed), float64 stays float64 (reference accuracy). Results are cast back to the
 input dtype by the caller.
+
+Scale policy: the solvers work on inputs scaled by powers of two (:func:`power_of_two_exponent`,
+:func:`times_power_of_two`), so that no product overflows or underflows whatever the inputs'
+magnitude; scaling by a power of two is exact, so well-scaled inputs give the same codes bit for
+bit. Codes that do not fit the output dtype are refused (:func:`unscale_codes`).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +39,17 @@ def check_matrix(name: str, value, *, n_cols: int | None = None, cols_of: str = 
             f"got shape {tuple(value.shape)}"
         )
     return value
+
+
+def check_not_empty(name: str, value: torch.Tensor, axis: int, what: str) -> None:
+    """Raise ``ValueError`` when ``value`` has no entries along ``axis`` (``what`` names them)."""
+    if value.shape[axis] == 0:
+        raise ValueError(f"{name} has no {what} (shape {tuple(value.shape)}); at least one is needed")
+
+
+def check_chunk_size(value) -> int | None:
+    """``None`` (automatic) or a positive int."""
+    return None if value is None else check_positive_int("chunk_size", value)
 
 
 def check_finite(name: str, value: torch.Tensor) -> None:
@@ -75,3 +94,74 @@ def check_nonnegative_float(name: str, value) -> float:
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32 (half precision is upcast)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def power_of_two_exponent(value: torch.Tensor) -> int:
+    """The ``e`` with ``max|value| < 2**e`` and ``max|value| >= 2**(e - 1)``; 0 for an empty or
+    all-zero tensor. Multiplying by ``2**-e`` brings the peak into ``[0.5, 1)`` exactly."""
+    if value.numel() == 0:
+        return 0
+    low, high = torch.aminmax(value)  # one pass, no |value| temporary
+    peak = max(-float(low), float(high))
+    return math.frexp(peak)[1] if peak > 0.0 else 0
+
+
+def times_power_of_two(value: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``value * 2**exponent``, exact: applied in factors of at most ``2**100`` so that each factor
+    fits float32 (``2**148`` does not, although ``2**-149 * 2**148`` does)."""
+    while exponent:
+        step = max(-100, min(100, exponent))
+        value = value * 2.0**step
+        exponent -= step
+    return value
+
+
+def unscale_codes(codes: torch.Tensor, exponent: int, dtype: torch.dtype) -> torch.Tensor:
+    """``codes * 2**exponent`` cast to ``dtype`` (the codes of the unscaled problem); a
+    ``ValueError`` when they do not fit ``dtype`` (signals very large relative to the atoms)."""
+    if codes.numel() == 0:
+        return codes.to(dtype)
+    peak = float(codes.abs().amax())
+    if not math.isfinite(peak):
+        raise ValueError("the solver produced NaN or inf codes (numerical breakdown on these inputs)")
+    result = times_power_of_two(codes, exponent).to(dtype)
+    if not bool(torch.isfinite(result).all()):
+        magnitude = math.frexp(peak)[1] + exponent
+        raise ValueError(
+            f"the codes do not fit {dtype} (the largest is about 2**{magnitude}): the signals are "
+            "too large relative to the atoms for this dtype; pass float64 inputs or rescale X or "
+            "the dictionary"
+        )
+    return result
+
+
+def scaled_float(value: float, exponent: int) -> float:
+    """``value * 2**exponent`` as a Python float (a tolerance or penalty in scaled units); inf
+    where it overflows a double."""
+    try:
+        return math.ldexp(value, exponent)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass(frozen=True)
+class GramScale:
+    """Exponents of the scaled problem behind precomputed products: atoms ``D 2^-atoms``,
+    signals ``X 2^-signals``, so ``gram 2^(-2 atoms)``, ``Xy 2^-products``, ``||x||^2
+    2^(-2 signals)``; codes of the scaled problem are the codes times ``2^(atoms - signals)``."""
+
+    atoms: int
+    signals: int
+
+    @property
+    def products(self) -> int:
+        return self.atoms + self.signals
+
+
+def gram_scaling(gram: torch.Tensor, Xy: torch.Tensor, norms_squared: torch.Tensor | None) -> GramScale:
+    """Powers of two that bring ``gram`` and the signals' squared norms (or, without them,
+    ``Xy``) to at most 1."""
+    atoms = -(-power_of_two_exponent(gram) // 2)  # ceil(e / 2): gram's peak is ||d||^2
+    if norms_squared is not None:
+        return GramScale(atoms, -(-power_of_two_exponent(norms_squared) // 2))
+    return GramScale(atoms, power_of_two_exponent(Xy) - atoms)

@@ -22,7 +22,8 @@ import torch
 
 
 class BatchedCholesky:
-    """Growing factors for ``batch`` signals over the atoms of ``gram (m, m)``."""
+    """Growing factors for ``batch`` signals over the atoms of ``gram (m, m)``, at most
+    ``capacity`` steps (OMP's ``n_nonzero_coefs``) each."""
 
     def __init__(self, gram: torch.Tensor, batch: int, capacity: int):
         dtype, device, width = gram.dtype, gram.device, gram.shape[0]
@@ -68,9 +69,7 @@ class BatchedCholesky:
         Returns ``pivot (b,)`` and ``l_row (b, t)`` (zeroed where not kept) for the caller's
         ``L^-1`` updates, and stores the new row of ``U``.
         """
-        t = self.size
-        if t == self.U.shape[0]:
-            self._grow()
+        t = self.size  # < capacity: OMP takes at most ``capacity`` steps
         # Rows of U at or beyond ``size`` are never read, so U needs no zeroing on reset.
         pivot = torch.where(keep, pivot_sq.clamp_min(self.eps).sqrt(), torch.ones_like(pivot_sq))
         l_row = l_row * keep[:, None]
@@ -101,20 +100,6 @@ class BatchedCholesky:
         so ``scatter_add`` never overwrites a real coefficient."""
         codes = values.new_zeros(values.shape[0], m)
         return codes.scatter_add_(1, self.picked[:, : self.size], values)
-
-    def _grow(self) -> None:
-        """Double the capacity (the lasso path does not know its length in advance)."""
-        k, b, w = self._U.shape
-        new_k = min(2 * k, w)
-        U = self._U.new_empty(new_k, b, w)
-        U[:k] = self._U
-        L = self._L.new_zeros(b, new_k, new_k)
-        L[:, :k, :k] = self._L
-        picked = self._picked.new_empty(b, new_k)
-        picked[:, :k] = self._picked
-        self._U, self._L, self._picked = U, L, picked
-        batch = self.U.shape[1]
-        self.U, self.L, self.picked = U[:, :batch], L[:batch], picked[:batch]
 
 
 class InverseCholesky:

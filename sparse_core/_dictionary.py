@@ -11,7 +11,9 @@ then updates the atoms one at a time on the signals that use them (Aharon, Elad 
 2006, *K-SVD*; the single power step of Rubinstein, Zibulevsky & Elad, 2008): with ``E`` the
 residual of those signals without atom ``j`` and ``g`` their coefficients on it,
 ``d_j <- E.T @ g / ||E.T @ g||`` and ``g <- E @ d_j``. Atoms that no signal uses, and atoms that
-duplicate another (``|cos| > 0.99``), are replaced by the worst-represented signals.
+duplicate another (``|cos| > 0.99``), are replaced by the worst-represented signals; the signals
+that used a replaced atom drop it from their codes, so the codes always match the atoms.
+Signals are scaled by a power of two first (exact), so no magnitude overflows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_finite, check_matrix, check_nonnegative_float, check_positive_int, compute_dtype
+from ._checks import (
+    check_finite,
+    check_matrix,
+    check_nonnegative_float,
+    check_not_empty,
+    check_positive_int,
+    compute_dtype,
+    power_of_two_exponent,
+    times_power_of_two,
+    unscale_codes,
+)
 from ._lasso import lasso
 from ._omp import omp
 
@@ -35,9 +47,10 @@ class DictionaryLearningResult:
 
     Attributes:
         atoms: ``(n_components, n_features)``, unit-norm rows.
-        codes: ``(n_samples, n_components)``, the last codes (after the last atom update).
+        codes: ``(n_samples, n_components)``, the codes of ``X`` over the returned atoms (after
+            the last atom update and replacement).
         errors: ``(n_iter,)``, relative squared residual ``||X - A D||^2 / ||X||^2`` after each
-            iteration.
+            iteration; the last one is that of the returned atoms and codes.
         n_replaced: atoms replaced (unused or duplicate) over all iterations.
     """
 
@@ -83,6 +96,8 @@ def learn_dictionary(
         :class:`DictionaryLearningResult`.
     """
     check_matrix("X", X)
+    check_not_empty("X", X, 0, "signals (rows)")
+    check_not_empty("X", X, 1, "features (columns)")
     check_finite("X", X)
     n_samples, n_features = X.shape
     check_positive_int("n_components", n_components)
@@ -108,7 +123,8 @@ def learn_dictionary(
             raise ValueError(f"init must have n_components={n_components} rows, got {tuple(init.shape)}")
 
     dtype = compute_dtype(X)
-    signals = X.to(dtype)
+    exponent = power_of_two_exponent(X)
+    signals = times_power_of_two(X.to(dtype), -exponent)  # exact; codes scale back at the end
     generator = torch.Generator().manual_seed(seed)
     atoms = _initial_atoms(signals, n_components, init, generator)
     total = float((signals * signals).sum()) or 1.0
@@ -120,15 +136,15 @@ def learn_dictionary(
             codes = lasso(signals, atoms, alpha)
         residual = signals - codes @ atoms
         unused = _update_atoms(signals, atoms, codes, residual)
+        replaced += _replace_atoms(atoms, codes, residual, unused, generator)
         error = float((residual * residual).sum()) / total
         errors.append(error)
-        replaced += _replace_atoms(atoms, residual, unused, generator)
         if callback is not None and callback(iteration, atoms, error):
             break
         if tol and len(errors) > 1 and errors[-2] - error <= tol * errors[-2]:
             break
     return DictionaryLearningResult(
-        atoms=atoms.to(X.dtype), codes=codes.to(X.dtype),
+        atoms=atoms.to(X.dtype), codes=unscale_codes(codes, exponent, X.dtype),
         errors=torch.tensor(errors, dtype=torch.float64), n_replaced=replaced,
     )
 
@@ -182,19 +198,29 @@ def _update_atoms(signals, atoms, codes, residual) -> torch.Tensor:
     return (counts == 0) | (atoms.norm(dim=1) < 0.5)
 
 
-def _replace_atoms(atoms, residual, unused, generator) -> int:
-    """Replace unused atoms and near-duplicates by the worst-represented signals."""
+def _replace_atoms(atoms, codes, residual, unused, generator) -> int:
+    """Replace unused atoms and near-duplicates by the worst-represented signals, in place on
+    ``atoms (m, d)``, ``codes (n, m)`` and ``residual (n, d)``.
+
+    A replaced atom that signals still use (a near-duplicate) leaves their codes first: its share
+    ``codes[:, j] d_j`` goes back into their residual, so ``residual = X - codes @ atoms`` holds
+    after the replacement too.
+    """
     cosines = (atoms @ atoms.T).abs().triu_(diagonal=1)
     duplicate = (cosines > _DUPLICATE_COSINE).any(0)
     replace = (unused | duplicate).nonzero().squeeze(1)
     if replace.numel() == 0:
         return 0
-    error = (residual * residual).sum(1)
     count = min(replace.numel(), residual.shape[0])
-    worst = error.topk(count).indices
+    replace = replace[:count]
+    # New atoms from the residuals as they were (a signal that loses a duplicate below would
+    # otherwise seed the duplicate's direction again).
+    worst = (residual * residual).sum(1).topk(count).indices
     fresh = residual[worst]
     norms = fresh.norm(dim=1, keepdim=True)
     noise = torch.randn(fresh.shape, generator=generator, dtype=fresh.dtype).to(fresh.device)
     fresh = torch.where(norms > torch.finfo(fresh.dtype).eps, fresh, noise)
-    atoms[replace[:count]] = fresh / fresh.norm(dim=1, keepdim=True)
+    residual.addmm_(codes[:, replace], atoms[replace])  # (n, r) @ (r, d)
+    codes[:, replace] = 0
+    atoms[replace] = fresh / fresh.norm(dim=1, keepdim=True)
     return count

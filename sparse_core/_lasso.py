@@ -37,12 +37,19 @@ import torch
 from ._cholesky import InverseCholesky
 from ._select import argmax_abs, min_with_index
 from ._checks import (
+    check_chunk_size,
     check_finite,
     check_matrix,
     check_nonnegative_float,
+    check_not_empty,
     check_positive_int,
     check_same_device,
     compute_dtype,
+    gram_scaling,
+    power_of_two_exponent,
+    scaled_float,
+    times_power_of_two,
+    unscale_codes,
 )
 
 __all__ = ["lasso", "lasso_gram", "lasso_objective"]
@@ -70,10 +77,18 @@ def lasso(
             within a factor ``1 + tol`` of the optimum.
         max_iter: bound on FISTA iterations per signal, over all working sets.
         init: optional warm start ``(n_samples, n_components)``.
-        chunk_size: signals solved together; by default sized to keep work buffers small.
+        chunk_size: signals solved together (a positive int); by default sized to keep work
+            buffers small.
 
     Returns:
-        codes ``(n_samples, n_components)`` in the dtype of ``X``.
+        codes ``(n_samples, n_components)`` in the dtype of ``X``; ``(0, n_components)`` for no
+        signals.
+
+    Raises:
+        ValueError: for bad arguments, and when the codes do not fit the dtype of ``X``. The
+            problem is solved on inputs scaled by powers of two (``X 2^-p``, ``D 2^-q`` with
+            ``alpha 2^-(p+q)``, which has the codes times ``2^(q-p)`` as its solution), so large
+            or tiny magnitudes neither overflow nor underflow.
 
     Warns:
         RuntimeWarning: when some signals reach ``max_iter`` with a gap above the tolerance.
@@ -81,16 +96,23 @@ def lasso(
     check_matrix("X", X)
     check_matrix("dictionary", dictionary, n_cols=X.shape[1], cols_of="X (n_features)")
     check_same_device(X=X, dictionary=dictionary)
+    check_not_empty("X", X, 1, "features (columns)")
+    check_not_empty("dictionary", dictionary, 0, "atoms (rows)")
     check_finite("X", X)
     check_finite("dictionary", dictionary)
+    alpha = check_nonnegative_float("alpha", alpha)
     dtype = compute_dtype(X, dictionary)
-    D = dictionary.to(dtype)
-    Xc = X.to(dtype)
+    x_exp, d_exp = power_of_two_exponent(X), power_of_two_exponent(dictionary)
+    D = times_power_of_two(dictionary.to(dtype), -d_exp)
+    Xc = times_power_of_two(X.to(dtype), -x_exp)
     gram = D @ D.T
     Xy = Xc @ D.T
     norms = (Xc * Xc).sum(1)
-    return lasso_gram(gram, Xy, alpha, norms_squared=norms, tol=tol, max_iter=max_iter,
-                      init=init, chunk_size=chunk_size).to(X.dtype)
+    if isinstance(init, torch.Tensor) and init.is_floating_point():
+        init = times_power_of_two(init.to(dtype), d_exp - x_exp)
+    codes = lasso_gram(gram, Xy, scaled_float(alpha, -x_exp - d_exp), norms_squared=norms, tol=tol,
+                       max_iter=max_iter, init=init, chunk_size=chunk_size)
+    return unscale_codes(codes, x_exp - d_exp, X.dtype)
 
 
 def lasso_gram(
@@ -105,10 +127,12 @@ def lasso_gram(
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Lasso from precomputed ``gram = D @ D.T (m, m)``, ``Xy = X @ D.T (n, m)`` and
-    ``norms_squared = ||x||^2 (n,)``. Same objective and stopping rule as :func:`lasso`."""
+    ``norms_squared = ||x||^2 (n,)``. Same objective, stopping rule and power-of-two scaling
+    as :func:`lasso`."""
     check_matrix("gram", gram)
     if gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square (n_components, n_components), got {tuple(gram.shape)}")
+    check_not_empty("gram", gram, 0, "atoms (rows)")
     check_matrix("Xy", Xy, n_cols=gram.shape[0], cols_of="gram (n_components)")
     if not isinstance(norms_squared, torch.Tensor) or tuple(norms_squared.shape) != (Xy.shape[0],):
         shape = tuple(norms_squared.shape) if isinstance(norms_squared, torch.Tensor) else None
@@ -116,6 +140,7 @@ def lasso_gram(
     alpha = check_nonnegative_float("alpha", alpha)
     tol = check_nonnegative_float("tol", tol)
     max_iter = check_positive_int("max_iter", max_iter)
+    chunk_size = check_chunk_size(chunk_size)
     if init is not None:
         check_matrix("init", init, n_cols=gram.shape[0], cols_of="gram (n_components)")
         if init.shape[0] != Xy.shape[0]:
@@ -128,18 +153,24 @@ def lasso_gram(
         check_finite("init", init)
 
     dtype = compute_dtype(gram, Xy)
-    gram_c = gram.to(dtype)
     n, m = Xy.shape
+    if n == 0:
+        return Xy.new_zeros(0, m)
+    scale = gram_scaling(gram, Xy, norms_squared)
+    gram_c = times_power_of_two(gram.to(dtype), -2 * scale.atoms)
+    Xy_c = times_power_of_two(Xy.to(dtype), -scale.products)
+    norms_c = times_power_of_two(norms_squared.to(dtype), -2 * scale.signals)
+    alpha = scaled_float(alpha, -scale.products)
     codes = torch.zeros(n, m, dtype=dtype, device=Xy.device)
     if init is not None:
-        codes.copy_(init)
+        codes.copy_(times_power_of_two(init.to(dtype), scale.atoms - scale.signals))
     chunk = min(n, chunk_size or max(64, min(4096, _CHUNK_BYTES // (4 * m * 4))))
     workspace = None if init is not None else _Workspace(gram_c, chunk, min(m, max_iter))
     unconverged = 0
     for start in range(0, n, chunk):
         rows = slice(start, start + chunk)
         codes[rows], failed = _lasso_gram_core(
-            gram_c, Xy[rows].to(dtype), norms_squared[rows].to(dtype), alpha, tol, max_iter,
+            gram_c, Xy_c[rows], norms_c[rows], alpha, tol, max_iter,
             codes[rows], warm=init is not None, workspace=workspace,
         )
         unconverged += failed
@@ -150,7 +181,7 @@ def lasso_gram(
             RuntimeWarning,
             stacklevel=2,
         )
-    return codes.to(Xy.dtype)
+    return unscale_codes(codes, scale.signals - scale.atoms, Xy.dtype)
 
 
 def lasso_objective(X: torch.Tensor, dictionary: torch.Tensor, codes: torch.Tensor,

@@ -32,12 +32,19 @@ import torch
 from ._cholesky import BatchedCholesky
 from ._select import argmax_abs
 from ._checks import (
+    check_chunk_size,
     check_finite,
     check_matrix,
     check_nonnegative_float,
+    check_not_empty,
     check_positive_int,
     check_same_device,
     compute_dtype,
+    gram_scaling,
+    power_of_two_exponent,
+    scaled_float,
+    times_power_of_two,
+    unscale_codes,
 )
 
 __all__ = ["omp", "omp_gram"]
@@ -64,11 +71,17 @@ def omp(
         n_nonzero_coefs: at most this many non-zero coefficients per signal
             (``1 <= n_nonzero_coefs <= min(n_components, n_features)``).
         tol: optional; a signal stops early once its squared residual norm is ``<= tol``.
-        chunk_size: signals solved together; by default sized so the work buffers stay small.
+        chunk_size: signals solved together (a positive int); by default sized so the work
+            buffers stay small.
 
     Returns:
         codes ``(n_samples, n_components)`` in the dtype of ``X`` with ``X ≈ codes @ dictionary``,
-        at most ``n_nonzero_coefs`` non-zeros per row.
+        at most ``n_nonzero_coefs`` non-zeros per row; ``(0, n_components)`` for no signals.
+
+    Raises:
+        ValueError: for bad arguments, and when the codes do not fit the dtype of ``X``. Inputs
+            are scaled by powers of two before any product, so large or tiny magnitudes neither
+            overflow nor underflow.
 
     Warns:
         RuntimeWarning: when a signal stops early because the atoms it would pick next are
@@ -77,17 +90,25 @@ def omp(
     check_matrix("X", X)
     check_matrix("dictionary", dictionary, n_cols=X.shape[1], cols_of="X (n_features)")
     check_same_device(X=X, dictionary=dictionary)
+    check_not_empty("X", X, 1, "features (columns)")
+    check_not_empty("dictionary", dictionary, 0, "atoms (rows)")
     check_finite("X", X)
     check_finite("dictionary", dictionary)
     k = _check_k(n_nonzero_coefs, dictionary.shape)
     tol = None if tol is None else check_nonnegative_float("tol", tol)
+    chunk_size = check_chunk_size(chunk_size)
     dtype = compute_dtype(X, dictionary)
-    D = dictionary.to(dtype)
-    Xc = X.to(dtype)
+    # X' = X 2^-x_exp, D' = D 2^-d_exp: entries below 1, so no product overflows; codes of the
+    # scaled problem are the codes times 2^(d_exp - x_exp), residuals scale by 2^(-2 x_exp).
+    x_exp, d_exp = power_of_two_exponent(X), power_of_two_exponent(dictionary)
+    D = times_power_of_two(dictionary.to(dtype), -d_exp)
+    Xc = times_power_of_two(X.to(dtype), -x_exp)
     gram = D @ D.T  # (n_components, n_components)
     Xy = Xc @ D.T  # (n_samples, n_components)
     norms = (Xc * Xc).sum(1) if tol is not None else None
-    return _omp_gram_chunks(gram, Xy, k, norms, tol, chunk_size).to(X.dtype)
+    tol = None if tol is None else scaled_float(tol, -2 * x_exp)
+    codes = _omp_gram_chunks(gram, Xy, k, norms, tol, chunk_size)
+    return unscale_codes(codes, x_exp - d_exp, X.dtype)
 
 
 def omp_gram(
@@ -108,14 +129,16 @@ def omp_gram(
         n_nonzero_coefs: at most this many non-zeros per signal.
         norms_squared: ``(n_samples,)`` squared norms of the signals; needed with ``tol``.
         tol: optional early stop on the squared residual norm.
-        chunk_size: signals solved together.
+        chunk_size: signals solved together (a positive int).
 
     Returns:
-        codes ``(n_samples, n_components)`` in the dtype of ``Xy``.
+        codes ``(n_samples, n_components)`` in the dtype of ``Xy``. Inputs are scaled by powers
+        of two first (as in :func:`omp`).
     """
     check_matrix("gram", gram)
     if gram.shape[0] != gram.shape[1]:
         raise ValueError(f"gram must be square (n_components, n_components), got {tuple(gram.shape)}")
+    check_not_empty("gram", gram, 0, "atoms (rows)")
     check_matrix("Xy", Xy, n_cols=gram.shape[0], cols_of="gram (n_components)")
     check_same_device(gram=gram, Xy=Xy)
     check_finite("gram", gram)
@@ -128,14 +151,22 @@ def omp_gram(
         tol = check_nonnegative_float("tol", tol)
         if norms_squared is None:
             raise ValueError("tol needs norms_squared (the squared norm of each signal), got None")
-    if norms_squared is not None and tuple(norms_squared.shape) != (Xy.shape[0],):
-        raise ValueError(
-            f"norms_squared must have shape ({Xy.shape[0]},), got {tuple(norms_squared.shape)}"
-        )
+    if norms_squared is not None:
+        if not isinstance(norms_squared, torch.Tensor) or tuple(norms_squared.shape) != (Xy.shape[0],):
+            shape = tuple(norms_squared.shape) if isinstance(norms_squared, torch.Tensor) else None
+            raise ValueError(f"norms_squared must be a tensor of shape ({Xy.shape[0]},), got {shape}")
+        check_same_device(gram=gram, norms_squared=norms_squared)
+        check_finite("norms_squared", norms_squared)
+    chunk_size = check_chunk_size(chunk_size)
     dtype = compute_dtype(gram, Xy)
-    norms = None if norms_squared is None else norms_squared.to(dtype)
-    codes = _omp_gram_chunks(gram.to(dtype), Xy.to(dtype), k, norms, tol, chunk_size)
-    return codes.to(Xy.dtype)
+    scale = gram_scaling(gram, Xy, norms_squared)
+    norms = None if norms_squared is None else times_power_of_two(norms_squared.to(dtype),
+                                                                    -2 * scale.signals)
+    tol = None if tol is None else scaled_float(tol, -2 * scale.signals)
+    codes = _omp_gram_chunks(times_power_of_two(gram.to(dtype), -2 * scale.atoms),
+                             times_power_of_two(Xy.to(dtype), -scale.products), k, norms, tol,
+                             chunk_size)
+    return unscale_codes(codes, scale.signals - scale.atoms, Xy.dtype)
 
 
 def _check_k(n_nonzero_coefs, dictionary_shape) -> int:
@@ -149,6 +180,8 @@ def _check_k(n_nonzero_coefs, dictionary_shape) -> int:
 def _omp_gram_chunks(gram, Xy, k, norms_squared, tol, chunk_size) -> torch.Tensor:
     """Unchecked: codes ``(n, m)`` for ``Xy (n, m)`` in chunks that share one set of buffers."""
     n, m = Xy.shape
+    if n == 0:
+        return Xy.new_zeros(0, m)
     chunk = min(n, chunk_size or max(16, min(2048, _CHUNK_BYTES // (4 * (k + 4) * m))))
     factors = BatchedCholesky(gram, chunk, k)
     codes = torch.empty_like(Xy)

@@ -1,8 +1,11 @@
 """Fuzz the loader: thousands of mutated files each either load as valid atoms or raise the
 project's own AtomsFileError; never another exception, a crash, a hang or a half-built object."""
 
+import dataclasses
 import json
+import os
 import struct
+import tempfile
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +19,9 @@ _ATOMS = sc.build_atoms({"model.a.to_q": torch.randn(6, 5, generator=_generator)
                         info=sc.AtomsInfo(architecture="fuzz", prompt="p"))
 for _layer in _ATOMS.layers.values():
     _layer.coefficients.copy_(torch.randn(3, generator=_generator))
+# one layer with measured effects (the optional fifth tensor), one without
+_ATOMS.layers["model.a.to_q"] = dataclasses.replace(_ATOMS["model.a.to_q"], effect=torch.rand(3, generator=_generator))
+_ATOMS.info.effects = {"method": "jacobian"}
 VALID = sc.atoms_to_bytes(_ATOMS)
 (HEADER_LENGTH,) = struct.unpack("<Q", VALID[:8])
 
@@ -35,6 +41,8 @@ def loads_or_refuses(data: bytes) -> None:
     for key in atoms:
         assert torch.equal(again[key].atoms, atoms[key].atoms)
         assert bool(torch.isfinite(atoms[key].coefficients).all())
+        effect = atoms[key].effect
+        assert effect is None or bool((torch.isfinite(effect) & (effect >= 0)).all())
 
 
 @FUZZ
@@ -49,6 +57,22 @@ def with_bits_flipped(data: bytes, flips) -> bytes:
     for position, bit in flips:
         flipped[position] ^= 1 << bit
     return bytes(flipped)
+
+
+@settings(FUZZ, max_examples=150)
+@given(st.integers(min_value=0, max_value=len(VALID) - 1), st.binary(max_size=16))
+def test_damaged_files_on_disk(length, tail):
+    """The file reader (header first, then the body) holds the same line as the bytes parser."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "fuzzed.safetensors")
+        with open(path, "wb") as stream:
+            stream.write(VALID[:length] + tail)
+        try:
+            atoms = sc.load_atoms(path)
+        except sc.AtomsFileError as error:
+            assert str(error).startswith(f"{path}: ")
+            return
+        assert atoms.keys() == _ATOMS.keys()
 
 
 @FUZZ
@@ -100,7 +124,7 @@ def test_forged_header_entries(name, field, value):
 
 @FUZZ
 @given(st.sampled_from(["format", "format_version", "layers", "fingerprint", "training",
-                        "architecture"]), st.one_of(st.text(max_size=40), _json_values().map(json.dumps)))
+                        "architecture", "effects"]), st.one_of(st.text(max_size=40), _json_values().map(json.dumps)))
 def test_forged_metadata(field, value):
     header = json.loads(VALID[8:8 + HEADER_LENGTH])
     header["__metadata__"][field] = value

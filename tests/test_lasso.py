@@ -82,3 +82,40 @@ def test_bad_input_is_a_clear_error(call, error, match):
     data = sc.sparse_coded_signals(8, 32, 16, 2, seed=12)
     with pytest.raises(error, match=match):
         call(data.signals, data.atoms)
+
+
+def test_no_signals_give_empty_codes():
+    data = sc.sparse_coded_signals(8, 32, 16, 2, seed=12)
+    codes = sc.lasso(data.signals[:0], data.atoms, 0.1)
+    assert codes.shape == (0, 32) and codes.dtype == data.signals.dtype
+    empty = sc.lasso_gram(data.atoms @ data.atoms.T, torch.zeros(0, 32), 0.1, norms_squared=torch.zeros(0))
+    assert empty.shape == (0, 32)
+
+
+@pytest.mark.parametrize("x_exponent, d_exponent", [(100, 0), (0, 100), (-100, 0), (90, -30)])
+def test_huge_and_tiny_magnitudes_give_exactly_scaled_codes(x_exponent, d_exponent):
+    """The lasso of X 2^p over D 2^q at alpha 2^(p+q) has the codes of X over D at alpha times
+    2^(p-q); today these products overflow or underflow float32."""
+    data = sc.sparse_coded_signals(60, 48, 24, 4, noise=0.05, seed=13)
+    X, D, alpha = data.signals, data.atoms, 0.05
+    reference = sc.lasso(X, D, alpha)
+    codes = sc.lasso(X * 2.0**x_exponent, D * 2.0**d_exponent, alpha * 2.0 ** (x_exponent + d_exponent))
+    assert torch.equal(codes, reference * 2.0 ** (x_exponent - d_exponent))
+    warm = sc.lasso(X * 2.0**x_exponent, D * 2.0**d_exponent, alpha * 2.0 ** (x_exponent + d_exponent),
+                    init=codes)
+    assert torch.allclose(warm, codes, rtol=1e-3, atol=1e-3 * float(codes.abs().max()))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda X, D: sc.lasso(X, D[:0], 0.1), ValueError, r"dictionary has no atoms \(rows\)"),
+    (lambda X, D: sc.lasso(X[:, :0], D[:, :0], 0.1), ValueError, r"X has no features \(columns\)"),
+    (lambda X, D: sc.lasso_gram(torch.zeros(0, 0), torch.zeros(3, 0), 0.1, norms_squared=torch.ones(3)),
+     ValueError, "gram has no atoms"),
+    (lambda X, D: sc.lasso(X, D, 0.1, chunk_size=0), ValueError, "chunk_size must be positive, got 0"),
+    (lambda X, D: sc.lasso(X, D, 0.1, chunk_size=-1), ValueError, "chunk_size must be positive, got -1"),
+    (lambda X, D: sc.lasso(X, D, 0.1, chunk_size=8.0), TypeError, "chunk_size must be an int"),
+])
+def test_empty_dimensions_and_bad_chunk_sizes_are_clear_errors(call, error, match):
+    data = sc.sparse_coded_signals(8, 32, 16, 2, seed=12)
+    with pytest.raises(error, match=match):
+        call(data.signals, data.atoms)

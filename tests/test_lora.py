@@ -1,5 +1,6 @@
 """LoRA interop: exact export, atomize round trips, best rank-k pruning, bad LoRAs."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,17 +63,60 @@ def test_top_k_of_an_atomized_lora_is_the_best_rank_k_approximation():
     assert torch.allclose(atoms["m"].importance(), singular[:8].float(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("state, match", [
-    ({"m.lora_up.weight": torch.zeros(4, 2)}, "no matching 'm.lora_down.weight'"),
-    ({"m.lora_up.weight": torch.zeros(4, 2), "m.lora_down.weight": torch.zeros(3, 5)}, "rank"),
-    ({"m.hada_w1_a": torch.zeros(4, 2)}, "not in the lora_up/lora_down/alpha or diff layout"),
-    ({}, "no layer to atomize"),
+UP, DOWN = "m.lora_up.weight", "m.lora_down.weight"
+
+
+@pytest.mark.parametrize("state, error, match", [
+    ({UP: torch.zeros(4, 2)}, ValueError, "no matching 'm.lora_down.weight'"),
+    ({UP: torch.zeros(4, 2), DOWN: torch.zeros(3, 5)}, ValueError, "rank"),
+    ({"m.hada_w1_a": torch.zeros(4, 2)}, ValueError, "not in the lora_up/lora_down/alpha or diff layout"),
+    ({}, ValueError, "no layer to atomize"),
+    ({UP: torch.full((4, 2), float("nan")), DOWN: torch.ones(2, 3)}, ValueError,
+     "'m.lora_up.weight' contains NaN or inf"),
+    ({"m.diff": torch.tensor([[1.0, float("inf")]])}, ValueError, "'m.diff' contains NaN or inf"),
+    ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": torch.tensor(float("nan"))}, ValueError,
+     "'m.alpha' contains NaN or inf"),
+    ({UP: torch.zeros(4, 0), DOWN: torch.zeros(0, 3)}, ValueError, "LoRA 'm' has rank 0"),
+    ({UP: torch.ones(4), DOWN: torch.ones(3)}, ValueError, r"'m.lora_up.weight' must be a matrix .* shape \(4,\)"),
+    ({UP: torch.ones(4, 2, 3, 3), DOWN: torch.ones(2, 3, 1, 1)}, ValueError, "does not match the rank 2"),
+    ({"m.diff": torch.ones(4)}, ValueError, r"'m.diff' must be weight-shaped \(ndim >= 2\)"),
+    ({UP: np.ones((4, 2), np.float32), DOWN: np.ones((2, 3), np.float32)}, TypeError,
+     "'m.lora_up.weight' must be a torch.Tensor, got numpy.ndarray .*torch.from_numpy"),
+    ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": torch.tensor([1.0, 2.0])}, ValueError,
+     r"'m.alpha' must hold one number, got shape \(2,\)"),
+    ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": 4.0}, TypeError, "'m.alpha' must be a torch.Tensor"),
 ])
-def test_bad_loras_are_clear_errors(state, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_loras_are_clear_errors(state, error, match):
+    with pytest.raises(error, match=match):
         sc.atomize_lora(state)
+
+
+def test_bad_deltas_given_to_atomize_directly_are_clear_errors():
+    nan_delta = sc.LowRankDelta(torch.full((4, 2), float("nan")), torch.ones(2, 3), (4, 3))
+    with pytest.raises(ValueError, match="delta for 'm' contains NaN or inf"):
+        sc.atomize({"m": nan_delta})
+    with pytest.raises(ValueError, match="delta for 'm' has rank 0"):
+        sc.atomize({"m": sc.LowRankDelta(torch.zeros(4, 0), torch.zeros(0, 3), (4, 3))})
 
 
 def test_unknown_export_format_is_an_error():
     with pytest.raises(ValueError, match="format must be one of"):
         sc.to_lora(trained((4, 4), 2), format="loha")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, "float16"])
+def test_export_refuses_dtypes_that_are_not_floating_point(dtype):
+    with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+        sc.to_lora(trained((4, 4), 2), dtype=dtype)
+
+
+def test_export_refuses_nan_and_values_the_dtype_cannot_hold():
+    atoms = trained((24, 16))
+    atoms["diffusion_model.x.proj"].coefficients[0] = float("nan")
+    with pytest.raises(ValueError, match="layer 'diffusion_model.x.proj': coefficients contains NaN"):
+        sc.to_lora(atoms)
+    atoms["diffusion_model.x.proj"].coefficients[0] = 1e6  # up = D.T s: beyond float16's 65504
+    with pytest.raises(ValueError, match="'diffusion_model.x.proj.lora_up.weight' does not fit torch.float16"):
+        sc.to_lora(atoms, dtype=torch.float16)
+    with pytest.raises(TypeError, match="atoms must be SparseAtoms"):
+        sc.to_lora({"diffusion_model.x.proj": atoms["diffusion_model.x.proj"]})
