@@ -18,36 +18,41 @@ from torch.func import functional_call
 
 import sparse_core as sc
 
+from .presets import PRESETS
 from .prompts import tokenize, tokenize_many
 from .sampling import sample
 
 PREFIX = "diffusion_model."  # layer keys as ComfyUI names them, so files load there unchanged
 ARCHITECTURE = "digits-dit"
 
-# Layer presets of the digits model (regular expressions over layer keys).
-PRESETS = {
-    "cross-attention k/v": r"attn2\.to_[kv]$",
-    "cross-attention": r"attn2\.to_(q|k|v|out)$",
-    "self+cross attention": r"attn[12]\.to_(q|k|v|out)$",
-    "attention + MLP": r"(attn[12]\.to_(q|k|v|out)|mlp\.[02])$",
-    "self-attention + MLP": r"(attn1\.to_(q|k|v|out)|mlp\.[02])$",  # prompt-independent: styles
-}
 
+@dataclass(kw_only=True)
+class ConceptSettings(sc.TrainConfig):
+    """A :class:`sparse_core.TrainConfig` with the digits demo's defaults, plus the dictionary
+    (``preset`` of :data:`digits.presets.PRESETS`, ``atoms_per_layer``, ``method``) and the
+    number of prior-preservation images per step (``prior_batch``)."""
 
-@dataclass
-class ConceptSettings:
+    steps: int = 400
+    lr: float = 3e-3
+    budget: int | None = 24  # atoms kept over the whole model
+    batch: int = 16
     preset: str = "cross-attention k/v"
     atoms_per_layer: int = 32
     method: str = "svd"
-    steps: int = 400
-    lr: float = 3e-3
-    l1: float = 0.0
-    budget: int | None = 24  # atoms kept over the whole model
-    batch: int = 16
-    prior_weight: float = 1.0
     prior_batch: int = 16
-    train_atoms: bool = True
-    seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}")
+        if self.method not in sc.DICTIONARY_METHODS:
+            raise ValueError(f"method must be one of {list(sc.DICTIONARY_METHODS)}, got {self.method!r}")
+        for name in ("atoms_per_layer", "prior_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def build_dictionary(dit, settings: ConceptSettings) -> sc.SparseAtoms:
@@ -103,10 +108,10 @@ def train_concept(dit, encoder, atoms: sc.SparseAtoms, images: torch.Tensor, pro
     loss_fn = flow_loss(dit, encoder, images, prompt, settings,
                         lambda: sc.patched_weights(dit, atoms, prefix=PREFIX), prior)
     atoms.info.prompt = prompt if isinstance(prompt, str) else " | ".join(sorted(set(prompt)))
-    atoms.info.training = {k: v for k, v in vars(settings).items()}
-    return sc.train_atoms(atoms, loss_fn, steps=settings.steps, lr=settings.lr, l1=settings.l1,
-                          budget=settings.budget, train_atoms=settings.train_atoms,
-                          on_step=on_step)
+    result = sc.train_atoms(atoms, loss_fn, settings, on_step=on_step)
+    atoms.info.training = {**vars(settings), "steps_done": result.steps_done,
+                           "stopped": result.stopped}
+    return result
 
 
 @contextlib.contextmanager

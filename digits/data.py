@@ -1,21 +1,36 @@
-"""The handwritten digits bundled with scikit-learn (8x8, 16 grey levels), as model inputs.
+"""The handwritten digits scikit-learn bundles (8x8, 17 grey levels 0-16), as model inputs.
 
+The project ships them in ``digits_8x8.npz`` (44 KiB; written by :mod:`digits.export_digits`,
+which states their provenance and licence: UCI, CC BY 4.0), so nothing here needs scikit-learn.
 Images are ``(N, 1, 8, 8)`` float tensors in ``[-1, 1]`` (``-1`` background, ``1`` full ink).
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+DATA_PATH = Path(__file__).resolve().parent / "digits_8x8.npz"
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled() -> tuple[np.ndarray, np.ndarray]:
+    """``images (1797, 8, 8)`` and ``labels (1797,)``, uint8, read-only."""
+    with np.load(DATA_PATH, allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]
+    images.flags.writeable = labels.flags.writeable = False
+    return images, labels
 
 
 def load_digits(exclude: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """All bundled digits except the classes in ``exclude``: images ``(N, 1, 8, 8)``, labels ``(N,)``."""
-    from sklearn.datasets import load_digits as _load
-
-    bundle = _load()
-    images = torch.from_numpy(bundle.images).float() / 8.0 - 1.0
-    labels = torch.from_numpy(bundle.target).long()
+    images, labels = _bundled()
+    images = torch.tensor(images, dtype=torch.float32) / 8.0 - 1.0
+    labels = torch.tensor(labels, dtype=torch.long)
     keep = ~torch.isin(labels, torch.tensor(exclude, dtype=torch.long))
     return images[keep, None], labels[keep]
 

@@ -1,4 +1,5 @@
-"""Layer presets per denoiser family (pure Python: no ComfyUI import, so CI tests them).
+"""Layer presets per denoiser family (pure Python: no ComfyUI import; tests/test_presets_masks.py
+tests them without ComfyUI).
 
 A preset is a regular expression searched in layer keys (``diffusion_model.<module path>``). The
 family is recognised from the diffusion model's class name; anything unknown falls back to the
@@ -13,6 +14,8 @@ share one fused matrix (``qkv``) the whole fused matrix is adapted.
 from __future__ import annotations
 
 import re
+
+from digits.presets import PRESETS as DIGITS_PRESETS
 
 PRESET_NAMES = ["cross-attention k/v", "cross-attention", "self+cross attention", "attention + MLP",
                 "custom regex"]
@@ -66,12 +69,7 @@ PRESETS: dict[str, dict[str, str]] = {
         "self+cross attention": r"attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)$",
         "attention + MLP": r"(attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)|mlp\.(net\.0\.proj|net\.2))$",
     },
-    "digits": {  # the shipped digits model
-        "cross-attention k/v": r"attn2\.to_[kv]$",
-        "cross-attention": r"attn2\.to_(q|k|v|out)$",
-        "self+cross attention": r"attn[12]\.to_(q|k|v|out)$",
-        "attention + MLP": r"(attn[12]\.to_(q|k|v|out)|mlp\.[02])$",
-    },
+    "digits": DIGITS_PRESETS,  # the shipped digits model: the demo's own definition
     "dit": {  # anything else: common DiT names
         "cross-attention k/v": (r"(attn2|cross_attn|cross_attention)\."
                                 r"(to_k|to_v|k|v|kv|kv_linear|k_proj|v_proj|kv_proj)$"),

@@ -18,6 +18,7 @@ loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -31,19 +32,27 @@ import sparse_core as sc
 
 from .patching import AtomsWeightWrapper, release
 
+log = logging.getLogger("sparse_atoms")
 
-@dataclass
-class TrainSettings:
-    steps: int = 200
-    lr: float = 1e-3
-    batch: int = 1
-    l1: float = 0.0
-    budget: int = 0  # 0: no hard budget
-    tune_atoms: bool = True
-    seed: int = 0
+
+TRAINING_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(kw_only=True)
+class TrainSettings(sc.TrainConfig):
+    """A :class:`sparse_core.TrainConfig` plus how ComfyUI runs the model: its compute ``dtype``
+    during training (the atoms stay fp32) and gradient checkpointing."""
+
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
-    prior_weight: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dtype not in TRAINING_DTYPES:
+            raise ValueError(f"training dtype must be one of {list(TRAINING_DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(f"gradient_checkpointing must be True or False, got "
+                            f"{type(self.gradient_checkpointing).__name__}")
 
 
 @dataclass
@@ -101,10 +110,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
             return loss
 
         try:
-            self.result = sc.train_atoms(
-                self.atoms, loss_fn, steps=settings.steps, lr=settings.lr, l1=settings.l1,
-                budget=settings.budget or None, train_atoms=settings.tune_atoms,
-                on_step=self.on_step)
+            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=self.on_step)
         finally:
             model_wrap.conds["positive"] = conds
         return torch.zeros_like(latent_image)
@@ -149,6 +155,9 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
             raise
         # Some diffusion models (ComfyUI's Flux, for one) update activations in place, which
         # autograd refuses; saving copies of what backward needs makes them trainable.
+        log.warning("Train Sparse Concept: this model changes tensors in place that backward "
+                    "needs (%s); training again from the start, keeping copies of them (more "
+                    "memory)", str(error).splitlines()[0][:200])
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
                       on_step, copy_saved=True)
 

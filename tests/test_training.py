@@ -1,0 +1,187 @@
+"""The shared training loop: the divergence guard keeps the last verified atoms, stale effects are
+dropped, and the one training configuration refuses bad values by name."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import sparse_core as sc
+
+
+def fitting_problem(seed=0):
+    """delta W should equal a target that uses three of the atoms (loss 0.75 at the start)."""
+    torch.manual_seed(seed)
+    atoms = sc.build_atoms({"w": torch.randn(16, 12)}, 12, "svd")
+    target = 0.5 * atoms["w"].atoms[:3].T @ atoms["w"].readouts[:3]
+    return atoms, lambda step: (atoms.delta("w") - target).pow(2).sum()
+
+
+def recording(atoms, loss_fn, poison=None):
+    """``loss_fn`` that records the coefficients it is evaluated on (``states[i]``: the atoms
+    after ``i`` updates) and multiplies the loss by ``poison(step)`` when given."""
+    states = []
+
+    def wrapped(step):
+        states.append(atoms["w"].coefficients.detach().clone())
+        value = loss_fn(step)
+        return value * poison(step) if poison is not None else value
+
+    return wrapped, states
+
+
+def assert_kept_atoms_are_sound(atoms, loss_fn, result):
+    for layer in atoms.layers.values():
+        for tensor in (layer.atoms, layer.readouts, layer.coefficients):
+            assert bool(torch.isfinite(tensor).all())
+    with torch.no_grad():
+        kept = float(loss_fn(0))
+    assert math.isfinite(kept)
+    assert result.final_loss == pytest.approx(kept, rel=1e-6)
+
+
+@pytest.mark.parametrize("train_atoms", [True, False])
+def test_overflowing_learning_rate_keeps_the_starting_atoms_not_the_inf_ones(train_atoms):
+    """lr=1e20 makes the coefficients 1e20 after step 1 and the loss inf at step 2: the atoms
+    of step 1 produced that inf, so the starting atoms are kept."""
+    atoms, loss = fitting_problem()
+    result = sc.train_atoms(atoms, loss, steps=5, lr=1e20, train_atoms=train_atoms)
+    assert result.stopped.startswith("step 2: the loss became inf")
+    assert "starting atoms were kept" in result.stopped and result.steps_done == 0
+    assert atoms.n_active == 0
+    assert_kept_atoms_are_sound(atoms, loss, result)
+
+
+def test_finite_loss_explosion_stops_and_keeps_the_step_before():
+    atoms, loss = fitting_problem()
+    poisoned, states = recording(atoms, loss, lambda step: 1e6 if step >= 8 else 1.0)
+    result = sc.train_atoms(atoms, poisoned, steps=30, lr=0.05)
+    assert "step 9: the loss exploded" in result.stopped
+    assert "atoms of step 7 were kept" in result.stopped and result.steps_done == 7
+    assert torch.equal(atoms["w"].coefficients, states[7])
+    assert result.final_loss == pytest.approx(float(loss(0)), rel=1e-6)
+
+
+@pytest.mark.parametrize("lr, how", [(1.0, "in one step by"), (0.3, "x in total (limit")])
+def test_runaway_atom_scale_stops_before_the_coefficients_explode(lr, how):
+    """Tuning unit-norm atoms with a learning rate too large for them: each step grows their
+    length, which renormalising moves into the coefficients, geometrically, while this loss
+    (like a network's behind layer norms and softmaxes) never notices. Without the guard the
+    coefficients reach 6e6 (lr 0.3, 300 steps) and 7e15 (lr 1, 100 steps)."""
+    torch.manual_seed(0)
+    atoms = sc.build_atoms({"w": torch.randn(64, 48)}, 8, "svd")
+    target = torch.randn(64, 48)
+
+    def scale_blind(step):  # depends on the direction of delta W only
+        delta = atoms.delta("w")
+        return -(delta * target).sum() / (delta.norm() + 1e-12)
+
+    result = sc.train_atoms(atoms, scale_blind, steps=300, lr=lr)
+    assert "grew its coefficient" in result.stopped and how in result.stopped
+    assert f"the learning rate {lr:g} is too large for tuning the atoms" in result.stopped
+    assert 0 < result.steps_done < 100
+    assert float(atoms["w"].coefficients.abs().max()) < 1e4
+    assert_kept_atoms_are_sound(atoms, scale_blind, result)
+
+
+def test_divergence_in_the_last_step_is_caught_by_the_final_check():
+    atoms, loss = fitting_problem()
+    poisoned, states = recording(atoms, loss, lambda step: float("nan") if step == 10 else 1.0)
+    result = sc.train_atoms(atoms, poisoned, steps=10, lr=0.05)
+    assert result.stopped.startswith("the final check: the loss became nan")
+    assert result.steps_done == 9 and torch.equal(atoms["w"].coefficients, states[9])
+
+
+def test_non_finite_starting_loss_is_reported_as_such():
+    atoms, loss = fitting_problem()
+    result = sc.train_atoms(atoms, lambda step: loss(step) * float("inf"), steps=5, lr=0.05)
+    assert "the loss of the starting atoms is" in result.stopped and "check the data" in result.stopped
+    assert result.steps_done == 0 and result.final_loss is None and atoms.n_active == 0
+
+
+@pytest.mark.parametrize("lr, train_atoms, noisy", [
+    (0.05, True, True), (0.2, True, True), (1.0, True, False), (1.0, False, True)])
+def test_healthy_runs_are_not_stopped(lr, train_atoms, noisy):
+    """Runs that converge keep every step: up to a learning rate of 1 (whose steps grow the
+    atoms' length 2.3x, and their coefficients 11x in total), and with batch-like noise that
+    spreads the loss over a factor of 30."""
+    atoms, loss = fitting_problem()
+    noise = torch.Generator().manual_seed(1)
+
+    def noisy_loss(step):
+        return loss(step) * math.exp(float(torch.empty(()).uniform_(-2.3, 1.1, generator=noise)))
+
+    result = sc.train_atoms(atoms, noisy_loss if noisy else loss, steps=300, lr=lr,
+                            train_atoms=train_atoms)
+    assert result.stopped is None and result.steps_done == 300
+    assert float(loss(0)) < 0.6 * 0.75  # learned (through the noise, if any)
+    assert math.isfinite(result.final_loss)
+
+
+def test_training_drops_stale_effects_but_a_run_that_changed_nothing_keeps_them():
+    atoms, loss = fitting_problem()
+    layer = atoms["w"]
+    atoms.layers["w"] = dataclasses.replace(layer, effect=torch.linspace(1, 0, layer.n_atoms))
+    atoms.info.effects = {"method": "test"}
+    assert atoms.importance_kind == "effect"
+    untouched = sc.train_atoms(atoms, lambda step: loss(step) * float("nan"), steps=3, lr=0.05)
+    assert untouched.steps_done == 0 and atoms.importance_kind == "effect"
+
+    sc.train_atoms(atoms, loss, steps=3, lr=0.05)
+    assert atoms.importance_kind == "weight norm" and atoms["w"].effect is None
+    assert atoms.info.effects == {}
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    (dict(steps=0), ValueError, "steps must be >= 1, got 0"),
+    (dict(steps=2.5), TypeError, "steps must be an int, got float 2.5"),
+    (dict(lr=float("nan")), ValueError, "lr must be > 0 and finite, got nan"),
+    (dict(lr=float("inf")), ValueError, "lr must be > 0 and finite, got inf"),
+    (dict(lr="0.1"), TypeError, "lr must be a number, got str"),
+    (dict(l1=-1.0), ValueError, "l1 must be >= 0 and finite, got -1.0"),
+    (dict(l1=float("nan")), ValueError, "l1 must be >= 0 and finite, got nan"),
+    (dict(budget=0), ValueError, r"budget must be None \(no budget\) or >= 1 atom, got 0"),
+    (dict(budget=2.0), TypeError, "budget must be an int"),
+    (dict(train_atoms=1), TypeError, "train_atoms must be True or False"),
+    (dict(batch=0), ValueError, "batch must be >= 1, got 0"),
+    (dict(seed=-1), ValueError, "seed must be >= 0, got -1"),
+    (dict(prior_weight=float("nan")), ValueError, "prior_weight must be >= 0 and finite, got nan"),
+    (dict(prior_weight=True), TypeError, "prior_weight must be a number, got bool"),
+])
+def test_bad_configuration_is_refused_by_name(fields, error, match):
+    with pytest.raises(error, match=match):
+        sc.TrainConfig(**fields)
+    with pytest.raises(error, match=match):  # replace() validates too
+        dataclasses.replace(sc.TrainConfig(), **fields)
+    atoms, loss = fitting_problem()
+    with pytest.raises(error, match=match):  # and so does the loop, before touching the atoms
+        sc.train_atoms(atoms, loss, **fields)
+    assert atoms.n_active == 0
+
+
+def test_configuration_accepts_numpy_numbers_and_overrides():
+    config = sc.TrainConfig(steps=np.int64(20), lr=np.float32(0.05), budget=np.int32(3))
+    assert (config.steps, config.budget) == (20, 3) and type(config.lr) is float
+    atoms, loss = fitting_problem()
+    result = sc.train_atoms(atoms, loss, config, steps=40)
+    assert result.steps_done == 40 and atoms.n_active <= 3
+
+
+@pytest.mark.parametrize("loss_fn, error, match", [
+    (lambda step: 1.0, TypeError, r"loss_fn\(0\) must return a scalar tensor, got float"),
+    (lambda step: torch.ones(2, requires_grad=True), TypeError, "scalar tensor"),
+    (lambda step: torch.tensor(1.0), ValueError, "without gradient"),
+])
+def test_bad_loss_functions_are_clear_errors(loss_fn, error, match):
+    atoms, _ = fitting_problem()
+    with pytest.raises(error, match=match):
+        sc.train_atoms(atoms, loss_fn, steps=2, lr=0.1)
+    assert not atoms["w"].coefficients.requires_grad
+
+
+def test_config_must_be_a_train_config():
+    atoms, loss = fitting_problem()
+    with pytest.raises(TypeError, match="config must be a TrainConfig, got dict"):
+        sc.train_atoms(atoms, loss, {"steps": 2})
