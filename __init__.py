@@ -1,7 +1,8 @@
 """Sparse Atoms for ComfyUI: the custom-node package entry point.
 
 ComfyUI imports this file and calls ``comfy_entrypoint``. Importing registers nothing and loads no
-model; the entry point adds the ``models/sparse_atoms`` folder and lists the nodes.
+model; the entry point adds the ``models/sparse_atoms`` folder and the editor's table route, and
+lists the nodes.
 """
 
 import os
@@ -19,10 +20,14 @@ WEB_DIRECTORY = "./web/js"
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
-    from .nodes import NODE_LIST
+    from .nodes import NODE_LIST, routes
     from .nodes.common import register_folder
 
     register_folder()
+    # A running ComfyUI has imported its server already; importing it here would load it outside
+    # one (tests, scripts) with ComfyUI's own import order broken.
+    prompt_server = getattr(sys.modules.get("server"), "PromptServer", None)
+    routes.register(getattr(prompt_server, "instance", None))  # the Atom Mask Editor's tables
 
     class SparseAtomsExtension(ComfyExtension):
         async def get_node_list(self):

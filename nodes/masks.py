@@ -8,12 +8,14 @@ Format (``version`` 1)::
 fingerprint ties the mask to the atoms' layers: a mask made for other atoms is refused with a
 clear message instead of silently switching off the wrong atoms. The editor's density keeps the
 top ``ceil(density * N)`` atoms by importance; the mask then removes the atoms switched off.
+The node's text and picture name the importance in use (measured effect or weight norm).
 """
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 import sparse_core as sc
@@ -34,12 +36,17 @@ def parse_mask(text: str, atoms: sc.SparseAtoms) -> dict[str, set[int]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
-        raise MaskError(f"mask is not valid JSON ({error.msg} at character {error.pos}); clear "
-                        "the mask field to keep every atom") from None
+        near = text[max(0, error.pos - 12): error.pos + 12]
+        raise MaskError(f"mask is not valid JSON: {error.msg} at line {error.lineno} column "
+                        f"{error.colno} (character {error.pos}, near {near!r}); clear the mask "
+                        "field to keep every atom") from None
     if not isinstance(data, dict) or data.get("version") != MASK_VERSION:
         raise MaskError(f"mask must be a version-{MASK_VERSION} object with 'fingerprint' and 'off'")
+    if not isinstance(data.get("fingerprint"), str):
+        raise MaskError("mask has no 'fingerprint' string (the atoms it was made for); clear the "
+                        "mask field to keep every atom")
     fingerprint = atoms.fingerprint()
-    if data.get("fingerprint") != fingerprint:
+    if data["fingerprint"] != fingerprint:
         raise MaskError(
             f"this mask was made for other atoms (their layers have fingerprint "
             f"{str(data.get('fingerprint'))[:12]}..., these have {fingerprint[:12]}...); clear the "
@@ -63,13 +70,6 @@ def parse_mask(text: str, atoms: sc.SparseAtoms) -> dict[str, set[int]]:
     return result
 
 
-def mask_text(atoms: sc.SparseAtoms, off: dict[str, set[int]]) -> str:
-    """The canonical mask string for ``off`` (what the widget writes)."""
-    listing = {key: sorted(ids) for key, ids in off.items() if ids}
-    return json.dumps({"version": MASK_VERSION, "fingerprint": atoms.fingerprint(), "off": listing},
-                      sort_keys=True)
-
-
 def keep_masks(atoms: sc.SparseAtoms, off: dict[str, set[int]], density: float,
                per_layer: bool = False) -> dict[str, torch.Tensor]:
     """Per layer, the atoms kept: among the top ``ceil(density * N)`` and not switched off."""
@@ -78,3 +78,26 @@ def keep_masks(atoms: sc.SparseAtoms, off: dict[str, set[int]], density: float,
         index = atoms[key].index.cpu()
         masks[key] &= ~torch.isin(index, torch.tensor(sorted(ids), dtype=index.dtype))
     return masks
+
+
+def editor_summary(table: dict) -> str:
+    """The node's text: how many atoms are kept and which importance ranks them (the same words
+    as the widget's status line and the picture's caption)."""
+    flags = [flag for row in table["layers"] for flag in row["kept"]]
+    text = f"{sum(flags)} of {len(flags)} atoms kept; {table['ranked_by']}"
+    return text + (f" ({table['effects']})" if table["effects"] else "")
+
+
+def heatmap_picture(table: dict, *, caption_height: int = 16) -> torch.Tensor:
+    """The heat-map (:func:`sparse_core.importance_heatmap`) under a caption that names the
+    importance in use: uint8 ``(caption_height + H, max(W, caption width), 3)``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    cells = sc.importance_heatmap(table)
+    font = ImageFont.load_default()
+    caption = table["ranked_by"]
+    width = max(cells.shape[1], int(font.getbbox(caption)[2]) + 8)
+    canvas = Image.new("RGB", (width, caption_height + cells.shape[0]), (24, 24, 24))
+    canvas.paste(Image.fromarray(cells.numpy()), (0, caption_height))
+    ImageDraw.Draw(canvas).text((4, 2), caption, fill=(230, 230, 230), font=font)
+    return torch.from_numpy(np.asarray(canvas).copy())

@@ -1,6 +1,8 @@
 """The importance table and its heat-map picture: layers (rows) x atoms (columns, most important
-first), colour = importance on a log scale. The Atom Mask Editor widget draws the same table with
-the same palette, so a saved image tells the same story as the widget.
+first), colour = importance on a log scale. Importance is the atoms' one kind
+(:attr:`SparseAtoms.importance_kind`): the measured effect when every layer has one, else the
+weight norm; the table says which, and carries both values per atom. The Atom Mask Editor widget
+draws the same table with the same palette, so a saved image tells the same story as the widget.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from ._atoms import SparseAtoms
 
-__all__ = ["PALETTE", "importance_table", "importance_heatmap", "short_layer_name"]
+__all__ = ["PALETTE", "describe_effects", "importance_table", "importance_heatmap", "short_layer_name"]
 
 # Viridis at five stops; colours between stops are interpolated linearly (the widget does too).
 PALETTE = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
@@ -33,30 +35,76 @@ def _group(key: str) -> str:
 
 
 def importance_table(atoms: SparseAtoms, kept: dict[str, set[int]] | None = None) -> dict:
-    """A JSON-ready table: per layer its key, label, group, and its atoms sorted by importance
-    (ids and values), with ``kept`` flags (atom ids still in the mask; all when ``kept`` is None).
+    """A JSON-ready table of every atom, ranked by the one importance the atoms use.
+
+    Per layer: its key, label ``L{n}``, short name, group, and its atoms sorted by importance
+    (most important first): ``atoms`` (ids), ``importance`` (the kind in use), ``effect`` (the
+    measured effect, or None per atom when the layer has none), ``weight_norm`` (``|s|·‖d‖·‖c‖``),
+    and ``kept`` flags (atom ids still in the mask; all when ``kept`` is None).
+
+    Table level: ``importance_kind`` (``"effect"`` or ``"weight norm"``, see
+    :attr:`SparseAtoms.importance_kind`), ``ranked_by`` (one phrase for people: which importance
+    ranks the atoms and, for the weight norm, why), ``effects`` (how the effects were measured,
+    from ``atoms.info.effects``; ``""`` when none are used), and ``min``/``max``/``total`` of the
+    positive importances for the colour scale.
     """
+    kind = atoms.importance_kind
+    importance = atoms.importance()
     rows, positive = [], []
     for number, (key, layer) in enumerate(atoms.layers.items()):
-        importance = layer.importance().detach().double().cpu()
-        order = torch.sort(-importance, stable=True).indices
+        values = importance[key].detach().double().cpu()
+        order = torch.sort(-values, stable=True).indices
         ids = layer.index.cpu()[order].tolist()
-        values = importance[order].tolist()
-        positive += [v for v in values if v > 0]
+        ranked = values[order].tolist()
+        positive += [v for v in ranked if v > 0]
+        effect = ([None] * len(ids) if layer.effect is None
+                  else layer.effect.detach().double().cpu()[order].tolist())
         keep = kept.get(key) if kept is not None else None
         rows.append({
             "key": key, "label": f"L{number}", "name": short_layer_name(key), "group": _group(key),
-            "atoms": ids, "importance": values,
+            "atoms": ids, "importance": ranked, "effect": effect,
+            "weight_norm": layer.weight_norm().detach().double().cpu()[order].tolist(),
             "kept": [True] * len(ids) if keep is None else [i in keep for i in ids],
         })
     return {
         "fingerprint": atoms.fingerprint(),
         "layers": rows,
+        "importance_kind": kind,
+        "ranked_by": _ranked_by(atoms),
+        "effects": describe_effects(atoms.info.effects) if kind == "effect" else "",
         "max": max(positive, default=0.0),
         "min": min(positive, default=0.0),
         "total": float(sum(positive)),
         "palette": PALETTE,
     }
+
+
+def _ranked_by(atoms: SparseAtoms) -> str:
+    """Which importance ranks ``atoms``, in words (the widget, node text and image all use it)."""
+    if atoms.importance_kind == "effect":
+        return "ranked by measured effect"
+    with_atoms = [layer for layer in atoms.layers.values() if layer.n_atoms]
+    measured = sum(layer.effect is not None for layer in with_atoms)
+    if measured:
+        return (f"ranked by weight norm (effects measured in only {measured} of {len(with_atoms)} "
+                "layers)")
+    return "ranked by weight norm (no measured effects in these atoms)"
+
+
+def describe_effects(effects: dict) -> str:
+    """A short description of how effects were measured, from ``AtomsInfo.effects`` (e.g. method
+    ``"jacobian probes + exact ablation of top 16"``, calibration, metric, seconds)."""
+    if not effects:
+        return "how these effects were measured is not recorded"
+    parts = [str(effects.get("method") or "measured")]
+    if effects.get("calibration"):
+        parts.append(f"on {effects['calibration']}")
+    if effects.get("metric"):
+        parts.append(f"({effects['metric']})")
+    seconds = effects.get("seconds")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
+        parts.append(f"in {seconds:.3g} s")
+    return " ".join(parts)
 
 
 def colours(values: torch.Tensor, low: float, high: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ import os
 import pathlib
 import shutil
 import time
+import urllib.error
 
 import numpy as np
 import pytest
@@ -191,19 +192,75 @@ def test_atom_mask_editor_in_the_editing_workflow(server, shots):
         one, two = saved_images(server, first)[0], saved_images(server, second)[0]
         assert np.abs(one - two).mean() > 0.5, "re-queuing with another mask gave the same image"
         mask_before_reload = editor_state(page)["mask"]
+        density_before_reload = editor_state(page)["density"]
         assert not our_errors(page), page.errors
 
-        # Reloading the page restores the workflow, and with it the mask.
+        # A reload restores the workflow, its mask and the table (kept with the node), without
+        # running anything; then one nudge of the density slider keeps the mask.
+        runs = len(server.get("/history"))
         page.wait_for_timeout(1500)  # the frontend stores the open workflow as it changes
-        page.reload()
-        page.wait_for_function("() => window.app && window.app.graph && window.app.graph.nodes.length > 0",
-                               timeout=60000)
-        page.wait_for_timeout(1000)
-        restored = page.evaluate(f"""() => {{
-            const node = window.app.graph.nodes.find(n => n.type === "{EDITOR}");
-            return node ? node.widgets.find(w => w.name === "mask").value : null;
-        }}""")
-        assert restored == mask_before_reload
+        reload_page(page)
+        restored = editor_state(page)
+        assert restored["mask"] == mask_before_reload
+        assert restored["density"] == pytest.approx(density_before_reload)
+        assert restored["rows"] > 0, f"no table after a reload: {restored['status']}"
+        assert " atoms kept" in restored["status"], restored["status"]
+        nudge_density(page, 0.25)
+        nudged = editor_state(page)
+        assert nudged["mask"] == mask_before_reload, "a density nudge after a reload changed the mask"
+        assert nudged["density"] == pytest.approx(0.25)
+
+        # A table too large for the workflow keeps only its id there; the server hands it back.
+        page.wait_for_timeout(1500)
+        stored = drop_stored_tables(page)
+        assert stored, "the open workflow was not stored with the table's id"
+        reload_page(page)
+        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                          .atomMaskEditor.state.table !== null""", timeout=30000)
+        fetched = editor_state(page)
+        assert fetched["mask"] == mask_before_reload and fetched["rows"] == restored["rows"]
+        assert len(server.get("/history")) == runs, "the table came back by re-running the graph"
+        assert not our_errors(page), page.errors
+
+
+def reload_page(page):
+    page.reload()
+    page.wait_for_function(f"""() => window.app && window.app.graph &&
+                                     window.app.graph.nodes.some(n => n.type === "{EDITOR}")""",
+                           timeout=60000)
+    page.wait_for_timeout(1000)
+
+
+def nudge_density(page, value):
+    """Move the density slider as a user does (one input event)."""
+    page.evaluate(f"""(value) => {{
+        const editor = window.app.graph.nodes.find(n => n.type === "{EDITOR}").atomMaskEditor;
+        editor.slider.value = String(value);
+        editor.slider.dispatchEvent(new Event("input"));
+    }}""", value)
+
+
+def drop_stored_tables(page):
+    """Remove the table (not its id) from the stored copies of the open workflow; return how many
+    stored copies name a table id."""
+    return page.evaluate("""() => {
+        let withId = 0;
+        const stores = [[localStorage, "workflow"],
+                        ...Object.keys(sessionStorage).filter(k => k.startsWith("workflow:"))
+                               .map(k => [sessionStorage, k])];
+        for (const [store, key] of stores) {
+            const text = store.getItem(key);
+            if (!text) continue;
+            const workflow = JSON.parse(text);
+            for (const node of workflow.nodes) {
+                if (!node.properties) continue;
+                delete node.properties.sparse_atoms_table;
+                if (node.properties.sparse_atoms_table_id) withId += 1;
+            }
+            store.setItem(key, JSON.stringify(workflow));
+        }
+        return withId;
+    }""")
 
 
 def test_editor_redraws_an_sdxl_size_table_quickly_and_cleans_up(server, shots):
@@ -224,7 +281,7 @@ def test_editor_redraws_an_sdxl_size_table_quickly_and_cleans_up(server, shots):
                            total: 1, palette: [[68,1,84],[59,82,139],[33,145,140],[94,201,98],[253,231,37]]}};
             node.atomMaskEditor.setTable(table);
             const start = performance.now();
-            for (let i = 0; i < 10; i++) node.atomMaskEditor.render();
+            for (let i = 0; i < 10; i++) node.atomMaskEditor.draw();
             return (performance.now() - start) / 10;
         }}""")
         page.screenshot(path=str(shots / "atom_mask_editor_sdxl_size.png"))
@@ -254,3 +311,203 @@ def test_widget_colours_match_the_importance_image(server):
         }""", [values, low, high, PALETTE])
     python = colours(torch.tensor(values), low, high).round().int().tolist()
     assert js == python
+
+
+def click_button(page, name):
+    page.evaluate(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                              .atomMaskEditor.canvas.parentElement.querySelector(".sparse-atoms-{name}").click()""")
+
+
+def editing_workflow_with(mask, density=0.3, properties=None):
+    """digits_editing.json whose editor node holds ``mask``/``density`` and ``properties``, as a
+    page reload restores it."""
+    workflow = json.loads((WORKFLOWS / "digits_editing.json").read_text())
+    node = next(n for n in workflow["nodes"] if n["type"] == EDITOR)
+    node["widgets_values"] = [mask, density]
+    node["properties"] = {**node.get("properties", {}), **(properties or {})}
+    return workflow
+
+
+def small_table(fingerprint):
+    """A two-layer table as the node sends it (atoms 0..2 per layer)."""
+    rows = [{"key": f"diffusion_model.blocks.{r}.attn2.to_k", "label": f"L{r}",
+             "name": f"blocks.{r}.attn2.to_k", "group": f"blocks.{r}", "atoms": [0, 1, 2],
+             "importance": [3.0 - r, 2.0 - r, 1.0], "effect": [None] * 3,
+             "weight_norm": [3.0 - r, 2.0 - r, 1.0], "kept": [True] * 3} for r in range(2)]
+    return {"id": "0" * 32, "fingerprint": fingerprint, "layers": rows, "importance_kind": "weight norm",
+            "ranked_by": "ranked by weight norm (no measured effects in these atoms)", "effects": "",
+            "min": 1.0, "max": 3.0, "total": 10.0,
+            "palette": [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]]}
+
+
+def test_nothing_is_written_before_the_table_is_known(server):
+    """A saved mask survives a density nudge while the node has no table (a reload of a workflow
+    whose table is not kept, or no longer on the server), and a mask that is not valid JSON is
+    reported as such, not as one made for other atoms."""
+    mask = json.dumps({"fingerprint": "f" * 64, "off": {"diffusion_model.blocks.0.attn2.to_k": [1]},
+                       "version": 1})
+    cases = [({}, "No atoms yet: queue the graph once. The saved mask is kept as it is."),
+             ({"sparse_atoms_table_id": "e" * 32},
+              "This node's atom table is no longer on the server: queue the graph once. "
+              "The saved mask is kept as it is.")]
+    with frontend_page(server.url) as page:
+        for properties, status in cases:
+            page.evaluate("async (data) => { await window.app.loadGraphData(data); }",
+                          editing_workflow_with(mask, 0.3, properties))
+            page.wait_for_timeout(500)
+            nudge_density(page, 0.8)
+            click_button(page, "all")  # disabled: does nothing
+            state = editor_state(page)
+            assert (state["mask"], state["density"]) == (mask, pytest.approx(0.3)), properties
+            assert state["status"] == status
+
+        # Not valid JSON: said so (with or without a table), and reset clears it.
+        page.evaluate("async (data) => { await window.app.loadGraphData(data); }",
+                      editing_workflow_with('{"version": 1, "off": ', 0.3))
+        page.wait_for_timeout(500)
+        assert editor_state(page)["status"].startswith("The mask is not valid JSON (")
+        page.evaluate(f"""(table) => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                      .atomMaskEditor.setTable(table)""", small_table("f" * 64))
+        state = editor_state(page)
+        assert state["status"].startswith("The mask is not valid JSON ("), state["status"]
+        assert "other atoms" not in state["status"]
+        nudge_density(page, 0.8)
+        assert editor_state(page)["mask"] == '{"version": 1, "off": '
+        click_button(page, "reset")
+        state = editor_state(page)
+        assert (state["mask"], state["density"]) == ("", 1.0)
+        assert state["status"].startswith("6 / 6 atoms kept"), state["status"]
+
+        # A mask for other atoms is said so and left alone until reset.
+        page.evaluate(f"""([mask, table]) => {{
+            const node = window.app.graph.nodes.find(n => n.type === "{EDITOR}");
+            node.widgets.find(w => w.name === "mask").value = mask;
+            node.atomMaskEditor.syncFromWidgets();
+            node.atomMaskEditor.setTable(table);
+        }}""", [mask, small_table("0" * 64)])
+        nudge_density(page, 0.5)
+        state = editor_state(page)
+        assert state["status"] == "This mask was made for other atoms: press reset to clear it."
+        assert (state["mask"], state["density"]) == (mask, 1.0)
+        assert not our_errors(page), page.errors
+
+
+EFFECTS_INFO = {"method": "exact ablation", "calibration": "4 latents x 2 noise levels",
+                "metric": "rms change of the model prediction"}
+
+
+def write_atoms_file(server, name, with_effects):
+    """Two layers of 4 atoms: weight norms 1..4 (to_k) and 0.1..0.4 (to_v); effects the other way
+    round (to_v's atoms matter most, each layer's largest weight norm least)."""
+    import torch
+    import sparse_core as sc
+
+    weight = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    keys = ["diffusion_model.blocks.0.attn2.to_k", "diffusion_model.blocks.0.attn2.to_v"]
+    atoms = sc.build_atoms({key: weight for key in keys}, 4, "svd")
+    for key, scale, effect in ((keys[0], 1.0, 0.01), (keys[1], 0.1, 10.0)):
+        atoms[key].coefficients.copy_(scale * torch.arange(1.0, 5.0))
+        if with_effects:
+            atoms[key].effect = effect * torch.arange(4.0, 0.0, -1.0)
+    if with_effects:
+        atoms.info.effects = dict(EFFECTS_INFO)
+    path = os.path.join(server.base, "models", "sparse_atoms", f"{name}.safetensors")
+    sc.save_atoms(atoms, path)
+    assert sc.load_atoms(path).importance_kind == ("effect" if with_effects else "weight norm"), \
+        "the atoms file does not keep the effects"
+    return f"{name}.safetensors"
+
+
+def cell_colour_and_tooltip(page, r, c):
+    """The canvas colour at the centre of cell (r, c) and the tooltip when the mouse is there."""
+    geometry = page.evaluate(f"""([r, c]) => {{
+        const editor = window.app.graph.nodes.find(n => n.type === "{EDITOR}").atomMaskEditor;
+        const rect = editor.canvas.getBoundingClientRect();
+        const table = editor.state.table;
+        const columns = Math.max(...table.layers.map(row => row.atoms.length));
+        const x = editor.view.labelWidth + (c + 0.5) * (rect.width - editor.view.labelWidth) / columns;
+        const y = (r + 0.5) * rect.height / table.layers.length;
+        const ratio = editor.canvas.width / rect.width;
+        const pixel = editor.canvas.getContext("2d").getImageData(Math.floor(x * ratio), Math.floor(y * ratio), 1, 1).data;
+        return [rect.left + x, rect.top + y, [pixel[0], pixel[1], pixel[2]]];
+    }}""", [r, c])
+    x, y, rgb = geometry
+    page.mouse.move(x, y)
+    page.wait_for_timeout(100)
+    tooltip = page.evaluate("() => document.querySelector('.sparse-atoms-tooltip').textContent")
+    return rgb, tooltip
+
+
+def test_editor_ranks_and_colours_by_measured_effect(server):
+    import re
+    from sparse_core._heatmap import PALETTE
+
+    files = {True: write_atoms_file(server, "browser_effects", True),
+             False: write_atoms_file(server, "browser_norms", False)}
+    with frontend_page(server.url) as page:
+        page.evaluate(f"""(name) => {{
+            const graph = window.app.graph;
+            graph.clear();
+            const load = LiteGraph.createNode("SparseAtoms_Load");
+            const editor = LiteGraph.createNode("{EDITOR}");
+            const preview = LiteGraph.createNode("PreviewImage");
+            [load, editor, preview].forEach((node, i) => {{ graph.add(node); node.pos = [i * 600, 100]; }});
+            load.widgets.find(w => w.name === "atoms_name").value = name;
+            load.connect(0, editor, 0);
+            editor.connect(1, preview, 0);
+        }}""", files[True])
+        entry = queue_and_wait(page, server)
+        assert "execution_success" in server.messages(entry), server.log_tail()
+        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                          .atomMaskEditor.state.table !== null""", timeout=30000)
+        focus_editor(page)
+        state = editor_state(page)
+        assert state["status"] == ("8 / 8 atoms kept · 100.0% of the total effect · "
+                                   "ranked by measured effect"), state["status"]
+        title = page.evaluate(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                         .atomMaskEditor.status.title""")
+        assert title == "exact ablation on 4 latents x 2 noise levels (rms change of the model prediction)"
+        # to_v (row 1) holds the largest effect (40, brightest), to_k's last column the smallest.
+        brightest, tooltip = cell_colour_and_tooltip(page, 1, 0)
+        assert brightest == list(PALETTE[-1])
+        effect, norm = map(float, re.search(r"effect (\S+)  weight norm (\S+)", tooltip).groups())
+        assert (effect, norm) == (pytest.approx(40.0), pytest.approx(0.1, rel=1e-3)), tooltip
+        assert tooltip.startswith("L1[0]") and "ranked by measured effect" in tooltip
+        darkest, tooltip = cell_colour_and_tooltip(page, 0, 3)
+        assert darkest == list(PALETTE[0])
+        effect, norm = map(float, re.search(r"effect (\S+)  weight norm (\S+)", tooltip).groups())
+        assert (effect, norm) == (pytest.approx(0.01), pytest.approx(4.0, rel=1e-3)), tooltip
+
+        # The node's text says the same; the table is served by its id.
+        output = next(o for o in entry["outputs"].values() if "atom_table" in o)
+        assert output["text"] == ["8 of 8 atoms kept; ranked by measured effect (exact ablation on 4 "
+                                  "latents x 2 noise levels (rms change of the model prediction))"]
+        table = output["atom_table"][0]
+        served = server.get(f"/sparse_atoms/atom_table/{table['id']}")
+        assert served["layers"][1]["effect"] == table["layers"][1]["effect"]
+        assert all("kept" not in row for row in served["layers"])
+        for path, code in ((f"/sparse_atoms/atom_table/{'a' * 32}", 404), ("/sparse_atoms/atom_table/x", 400)):
+            with pytest.raises(urllib.error.HTTPError) as error:
+                server.get(path)
+            assert error.value.code == code
+
+        # Atoms without effects: ranked by weight norm, and said so.
+        page.evaluate(f"""(name) => {{
+            window.app.graph.nodes.find(n => n.type === "SparseAtoms_Load")
+                .widgets.find(w => w.name === "atoms_name").value = name;
+        }}""", files[False])
+        entry = queue_and_wait(page, server)
+        assert "execution_success" in server.messages(entry), server.log_tail()
+        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                          .atomMaskEditor.state.table.importance_kind === "weight norm" """,
+                               timeout=30000)
+        state = editor_state(page)
+        assert state["status"] == ("8 / 8 atoms kept · 100.0% of the total weight norm · ranked by "
+                                   "weight norm (no measured effects in these atoms)"), state["status"]
+        brightest, tooltip = cell_colour_and_tooltip(page, 0, 0)
+        assert brightest == list(PALETTE[-1])
+        assert tooltip.startswith("L0[3]  effect not measured  weight norm 4.000"), tooltip
+        output = next(o for o in entry["outputs"].values() if "atom_table" in o)
+        assert output["text"] == ["8 of 8 atoms kept; ranked by weight norm (no measured effects in "
+                                  "these atoms)"]
+        assert not our_errors(page), page.errors

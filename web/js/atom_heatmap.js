@@ -1,6 +1,7 @@
-// The heat-map canvas: layers (rows) x atoms (columns, most important first), colour =
-// importance on a log scale through the same palette as sparse_core/_heatmap.py. One pixel per
-// cell in an offscreen image scaled up, so a ~700 x 64 table redraws in a few milliseconds.
+// The heat-map canvas: layers (rows) x atoms (columns, most important first), colour = the
+// importance in use (the measured effect, or the weight norm when the atoms have no effects) on a
+// log scale through the same palette as sparse_core/_heatmap.py. One pixel per cell in an
+// offscreen image scaled up, so a ~700 x 64 table redraws in a few milliseconds.
 
 const BACKGROUND = [24, 24, 24];
 const OFF_DIM = 0.25;

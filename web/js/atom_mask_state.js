@@ -1,14 +1,46 @@
 // The Atom Mask Editor's selection: which atoms are kept, and the mask string saved in the
 // workflow. Mirrors nodes/masks.py: kept = top ceil(density * N) by importance AND not switched off.
+// The selection is editable only once the table is known and the mask fits it: a state that is
+// not loaded never produces a mask string.
 
 export const MASK_VERSION = 1;
 
+/** The mask string's atoms switched off, or the reason it cannot be used (nodes/masks.py). */
+function parseMask(text) {
+  let data;
+  try {
+    data = JSON.parse(text);
+  } catch (error) {
+    return { error: `The mask is not valid JSON (${error.message})` };
+  }
+  if (!data || typeof data !== "object" || Array.isArray(data) || data.version !== MASK_VERSION) {
+    return { error: `The mask is not a version-${MASK_VERSION} mask object` };
+  }
+  if (typeof data.fingerprint !== "string") return { error: "The mask has no fingerprint" };
+  const off = new Map();
+  const listing = data.off ?? {};
+  if (typeof listing !== "object" || Array.isArray(listing)) {
+    return { error: "The mask's 'off' must map layer keys to lists of atom ids" };
+  }
+  for (const [key, ids] of Object.entries(listing)) {
+    if (!Array.isArray(ids) || !ids.every(Number.isInteger)) {
+      return { error: `The mask's entry for ${key} is not a list of atom ids` };
+    }
+    off.set(key, new Set(ids));
+  }
+  return { fingerprint: data.fingerprint, off };
+}
+
 export class AtomMaskState {
   constructor() {
-    this.table = null; // {fingerprint, layers: [{key, label, name, group, atoms, importance}], min, max, total}
+    // {id, fingerprint, importance_kind, ranked_by, effects, min, max, total, palette,
+    //  layers: [{key, label, name, group, atoms, importance, effect, weight_norm}]}
+    this.table = null;
     this.off = new Map(); // layer key -> Set of atom ids switched off
     this.density = 1.0;
-    this.foreignMask = false; // the mask string names other atoms than the table
+    this.maskFingerprint = null;
+    this.maskError = null; // why the saved mask string cannot be read
+    this.problem = null; // why the mask cannot be edited (unreadable, or for other atoms)
   }
 
   setTable(table) {
@@ -27,25 +59,42 @@ export class AtomMaskState {
     this.density = density;
     this.off = new Map();
     this.maskFingerprint = null;
+    this.maskError = null;
     if (text && text.trim()) {
-      try {
-        const data = JSON.parse(text);
-        this.maskFingerprint = data.fingerprint;
-        for (const [key, ids] of Object.entries(data.off || {})) this.off.set(key, new Set(ids));
-      } catch (error) {
-        this.maskFingerprint = "invalid";
-      }
+      const parsed = parseMask(text);
+      if (parsed.error) this.maskError = parsed.error;
+      else ({ fingerprint: this.maskFingerprint, off: this.off } = parsed);
     }
     this.checkMask();
   }
 
   checkMask() {
-    this.foreignMask = Boolean(this.table && this.maskFingerprint &&
-      this.maskFingerprint !== this.table.fingerprint);
+    this.problem = this.maskError;
+    if (this.problem || !this.table) return;
+    if (this.maskFingerprint && this.maskFingerprint !== this.table.fingerprint) {
+      this.problem = "This mask was made for other atoms";
+      return;
+    }
+    const rows = new Map(this.table.layers.map((row, r) => [row.key, r]));
+    for (const [key, ids] of this.off) {
+      const r = rows.get(key);
+      const known = r === undefined ? new Set() : new Set(this.table.layers[r].atoms);
+      const missing = [...ids].find((id) => !known.has(id));
+      if (missing !== undefined) {
+        const label = r === undefined ? key : `${this.table.layers[r].label}[${missing}]`;
+        this.problem = `This mask switches off atoms these atoms do not have (${label})`;
+        return;
+      }
+    }
+  }
+
+  /** True when a change can be written: the table is known and the mask fits it. */
+  get editable() {
+    return Boolean(this.table) && !this.problem;
   }
 
   maskText() {
-    if (!this.table) return "";
+    if (!this.editable) throw new Error("the mask cannot be written before its table is known");
     const off = {};
     for (const key of [...this.off.keys()].sort()) {
       const ids = [...this.off.get(key)].sort((a, b) => a - b);
@@ -108,7 +157,15 @@ export class AtomMaskState {
 
   all() { this.off = new Map(); this.density = 1.0; }
   none() { this.density = 1.0; this.table.layers.forEach((_, r) => this.setLayer(r, false)); }
-  reset() { this.off = new Map(); this.density = 1.0; this.maskFingerprint = null; this.foreignMask = false; }
+
+  /** Forget the mask (also one that is unreadable or for other atoms). */
+  reset() {
+    this.off = new Map();
+    this.density = 1.0;
+    this.maskFingerprint = null;
+    this.maskError = null;
+    this.checkMask();
+  }
 
   invert() {
     const grid = this.keptGrid();
