@@ -1,7 +1,10 @@
-"""What the nodes share: custom types, the model folder, safe file names, progress text, images."""
+"""What the nodes share: custom types, the model folder, safe file names and numbered saves,
+input checks, progress text, images."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import re
 import sys
@@ -11,6 +14,10 @@ import torch
 
 import folder_paths
 from comfy_api.latest import io
+
+import sparse_core as sc
+
+from .patching import model_family
 
 AtomDict = io.Custom("ATOM_DICT")
 SparseAtomsType = io.Custom("SPARSE_ATOMS")
@@ -30,8 +37,9 @@ def atoms_files() -> list[str]:
 
 
 def safe_target(folder: str, name: str, what: str) -> str:
-    """``folder/name.safetensors`` for a user-typed ``name``; a name that is empty, absolute, or
-    climbs out of ``folder`` is refused before anything is written."""
+    """``folder/name.safetensors`` for a user-typed ``name``; a name that is empty, absolute, climbs
+    out of ``folder``, or leads out of it through a symbolic link is refused before anything is
+    written."""
     cleaned = name.strip()
     if not cleaned:
         raise ValueError(f"{what}: the file name is empty")
@@ -44,9 +52,105 @@ def safe_target(folder: str, name: str, what: str) -> str:
     if not cleaned.endswith(".safetensors"):
         cleaned += ".safetensors"
     target = os.path.abspath(os.path.join(folder, cleaned))
-    if os.path.commonpath([target, os.path.abspath(folder)]) != os.path.abspath(folder):
+    if not _inside(os.path.abspath(folder), target):
         raise ValueError(f"{what}: file name {name!r} resolves outside {folder}")
+    if not _inside(os.path.realpath(folder), os.path.realpath(target)):
+        raise ValueError(f"{what}: file name {name!r} leads outside {folder} through a symbolic link")
     return target
+
+
+def _inside(root: str, path: str) -> bool:
+    return os.path.commonpath([root, path]) == root
+
+
+_MAX_NAME_BYTES = 255  # the longest file name most file systems allow
+_MAX_NUMBER_TRIES = 1000
+
+
+def save_numbered(folder: str, name: str, what: str, write, *, overwrite: bool) -> str:
+    """Save through ``write(path, overwrite=...)`` and return the path written.
+
+    With ``overwrite`` the file is ``folder/name.safetensors`` (replaced if present). Without it,
+    as ComfyUI's own savers do, it is ``name_00001.safetensors``, ``name_00002...``: one more than
+    the highest number present, and the next one whenever ``write`` finds the name taken
+    (``FileExistsError``; ``write`` must never replace a file when ``overwrite`` is False), so
+    two savers at once never write the same file. Leftover temporary files of writers that died
+    are removed from ``folder`` and the target's sub-folder first.
+    """
+    target = safe_target(folder, name, what)
+    for place in {folder, os.path.dirname(target)}:
+        sc.clean_temp_files(place)
+    if overwrite:
+        _check_name_length(target, name, what)
+        write(target, overwrite=True)
+        return target
+    stem = target[: -len(".safetensors")]
+    number = _highest_number(stem) + 1
+    for _ in range(_MAX_NUMBER_TRIES):
+        path = f"{stem}_{number:05d}.safetensors"
+        _check_name_length(path, name, what)
+        try:
+            write(path, overwrite=False)
+            return path
+        except FileExistsError:
+            number += 1  # another saver took this name meanwhile
+    raise FileExistsError(f"{what}: {_MAX_NUMBER_TRIES} numbered names after {stem}_* were taken "
+                          "while saving; nothing was written")
+
+
+def _highest_number(stem: str) -> int:
+    """The highest ``N`` of the files ``stem_N.safetensors`` present (0 if none)."""
+    folder, base = os.path.split(stem)
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    return max((int(m.group(1)) for m in map(pattern.fullmatch, names) if m), default=0)
+
+
+def _check_name_length(path: str, name: str, what: str) -> None:
+    length = len(os.fsencode(os.path.basename(path)))
+    if length > _MAX_NAME_BYTES:
+        raise ValueError(f"{what}: file name {name!r} is too long: {os.path.basename(path)[:40]}... "
+                         f"would have {length} bytes, at most {_MAX_NAME_BYTES} are allowed")
+
+
+def listed_file(folder_name: str, filename: str, what: str) -> str:
+    """The real path (links resolved) of ``filename`` chosen from the model folder
+    ``folder_name``; refused unless it is a regular file inside one of that folder's configured
+    paths, so a link can not make a loader read a file elsewhere."""
+    path = os.path.realpath(folder_paths.get_full_path_or_raise(folder_name, filename))
+    roots = [os.path.realpath(p) for p in folder_paths.get_folder_paths(folder_name)]
+    if not any(_inside(root, path) for root in roots):
+        raise ValueError(f"{what}: {filename!r} is a link to a file outside the {folder_name} "
+                         "folders; only files inside them are read (copy the file in, or add its "
+                         "folder to extra_model_paths.yaml)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what}: {filename!r} is not a regular file")
+    return path
+
+
+def check_finite(node: str, **values) -> None:
+    """Refuse a number input that is NaN or infinite (ComfyUI's min/max check lets NaN through),
+    naming the node, the input and the value."""
+    for input_name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{node}: {input_name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise ValueError(f"{node}: {input_name} must be a finite number, got {value!r}")
+
+
+def check_latent_channels(model, samples: torch.Tensor, input_name: str, node: str) -> None:
+    """``samples (B, C, ...)`` must have the channels of ``model``'s latents
+    (``latent_format.latent_channels``), or a ValueError says which input has how many."""
+    expected = getattr(getattr(model.model, "latent_format", None), "latent_channels", None)
+    if expected is None or samples.ndim < 2 or samples.shape[1] == expected:
+        return
+    raise ValueError(f"{node}: {input_name} has {samples.shape[1]} channels (shape "
+                     f"{tuple(samples.shape)}), but this {model_family(model)[1]} model takes "
+                     f"{expected}-channel latents (a latent made for another model? encode the "
+                     "images with this model's VAE)")
 
 
 def send_text(text: str, node_id) -> None:

@@ -13,7 +13,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 
 from digits.checkpoint import MODEL_PATH, read_metadata, split_state
-from digits.model import DEFAULT_CONFIG, DigitsDiT
+from digits import model as digits_dit
 
 ARCHITECTURE = "digits-dit"
 
@@ -23,6 +23,30 @@ class DigitsLatentFormat(comfy.latent_formats.LatentFormat):
     scale_factor = 1.0
     latent_rgb_factors = [[0.5, 0.5, 0.5]]  # previews: ink in [-1, 1] -> grey
     latent_rgb_factors_bias = [0.5, 0.5, 0.5]
+
+
+class DigitsDiT(digits_dit.DigitsDiT):
+    """The digits DiT, refusing inputs made for another model with a message that says what it
+    takes (instead of "mat1 and mat2 shapes cannot be multiplied" from deep inside). Same class
+    name as its base: the layer presets find a model's family by that name."""
+
+    def __init__(self, *, context_dim=digits_dit.DEFAULT_CONFIG["context_dim"], **config):
+        super().__init__(context_dim=context_dim, **config)
+        self.context_dim = context_dim
+
+    def forward(self, x, timesteps, context, **kwargs):
+        """``x (B, in_channels, image_size, image_size)``, ``context (B, T, context_dim)``."""
+        expected = (self.in_channels, self.image_size, self.image_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"the digits model takes latents of shape (B, {', '.join(map(str, expected))}); "
+                             f"this latent has {x.shape[1] if x.ndim > 1 else 'no'} channels, shape "
+                             f"{tuple(x.shape)} (a latent for another model? make digits latents "
+                             "with Empty Digits Latent, Digit Examples or Image to Digits Latent)")
+        if context.ndim != 3 or context.shape[-1] != self.context_dim:
+            raise ValueError(f"the digits model takes conditioning of shape (B, tokens, "
+                             f"{self.context_dim}); got shape {tuple(context.shape)} (conditioning "
+                             "from another text encoder? use Digit Prompt)")
+        return super().forward(x, timesteps, context, **kwargs)
 
 
 class DigitsConfig(comfy.supported_models_base.BASE):
@@ -42,7 +66,7 @@ class DigitsConfig(comfy.supported_models_base.BASE):
 def load_digits_model(path=MODEL_PATH):
     """A ModelPatcher over the digits model in ``path`` (float32 weights, CPU or GPU)."""
     metadata = read_metadata(path)
-    config = DigitsConfig({**DEFAULT_CONFIG, **metadata["config"]})
+    config = DigitsConfig({**digits_dit.DEFAULT_CONFIG, **metadata["config"]})
     config.set_inference_dtype(torch.float32, None)
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()

@@ -143,9 +143,13 @@ class DigitsToImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, scale):
-        samples = latent["samples"]
-        if samples.ndim != 4 or samples.shape[1] != 1:
-            raise ValueError(f"Digits to Image needs a digits latent (B, 1, 8, 8), got {tuple(samples.shape)}")
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 4 or samples.shape[1] != 1:
+            shape = tuple(samples.shape) if isinstance(samples, torch.Tensor) else None
+            channels = shape[1] if shape and len(shape) > 1 else "no"
+            raise ValueError(f"Digits to Image: the latent has {channels} channels (shape {shape}); "
+                             "digits latents have 1 channel, shape (B, 1, 8, 8) (a latent of another "
+                             "model? decode it with that model's VAE)")
         grey = ((samples.float() + 1) / 2).clamp(0, 1)
         grey = F.interpolate(grey, scale_factor=scale, mode="nearest")
         return io.NodeOutput(grey.permute(0, 2, 3, 1).repeat(1, 1, 1, 3).contiguous())

@@ -81,7 +81,7 @@ def test_train_apply_export_with_low_precision_weights(node_classes, comfy_dirs,
         assert change > 0.5 * trained.delta(key).norm(), (name, key)  # the patch is really there
 
     run_node(node_classes["SparseAtoms_ToLoRA"], sparse_atoms=trained, filename=f"dtype_{name}",
-             format="lora", dtype="fp32")
+             format="lora", dtype="fp32", overwrite=True)
     with torch.inference_mode():
         via_lora = patched_weights(comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(
             model, f"dtype_{name}.safetensors", 1.0)[0], keys)

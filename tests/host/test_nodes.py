@@ -71,7 +71,7 @@ def test_build_train_apply_export_on_real_architectures(node_classes, comfy_dirs
     # LoRA export through the stock loader gives the same weights as Apply
     for fmt in ("lora", "diff"):
         run_node(node_classes["SparseAtoms_ToLoRA"], sparse_atoms=trained, filename=f"{arch}_{fmt}",
-                 format=fmt, dtype="fp32")
+                 format=fmt, dtype="fp32", overwrite=True)
         loader = comfy_nodes.LoraLoaderModelOnly()
         with torch.inference_mode():
             lora_model = loader.load_lora_model_only(model, f"{arch}_{fmt}.safetensors", 0.7)[0]
@@ -80,7 +80,7 @@ def test_build_train_apply_export_on_real_architectures(node_classes, comfy_dirs
             assert torch.allclose(via_lora[key], got[key], rtol=1e-5, atol=1e-6), (fmt, key)
 
     # save -> load -> apply is identical
-    run_node(node_classes["SparseAtoms_Save"], sparse_atoms=trained, filename=f"tests/{arch}")
+    run_node(node_classes["SparseAtoms_Save"], sparse_atoms=trained, filename=f"tests/{arch}", overwrite=True)
     loaded = run_node(node_classes["SparseAtoms_Load"], atoms_name=f"tests/{arch}.safetensors")[0]
     again = patched_weights(run_node(node_classes["SparseAtoms_Apply"], model=model,
                                      sparse_atoms=loaded, strength=0.7, density=1.0)[0], keys)
@@ -154,7 +154,8 @@ def test_cancel_stops_within_one_step_and_keeps_the_atoms(node_classes, comfy_di
         mm.interrupt_current_processing(False)
     assert seen == [1, 2, 3, 4, 5]
     folder = os.path.join(folder_paths.get_folder_paths("sparse_atoms")[0], "interrupted")
-    saved = sc.load_atoms(os.path.join(folder, sorted(os.listdir(folder))[-1]))
+    newest = max((os.path.join(folder, name) for name in os.listdir(folder)), key=os.path.getmtime)
+    saved = sc.load_atoms(newest)
     assert saved.keys() == atoms.keys() and saved.n_active > 0
 
 
@@ -196,7 +197,8 @@ def test_bad_inputs_are_clear_errors_and_nothing_is_written(node_classes, comfy_
 def test_applied_atoms_stack_with_a_lora(node_classes, comfy_dirs):
     model = tiny_models.build("sd15")
     trained = train(node_classes, "sd15", model, build(node_classes, model), steps=5)[1]
-    run_node(node_classes["SparseAtoms_ToLoRA"], sparse_atoms=trained, filename="stack", format="lora", dtype="fp32")
+    run_node(node_classes["SparseAtoms_ToLoRA"], sparse_atoms=trained, filename="stack", format="lora",
+             dtype="fp32", overwrite=True)
     with torch.inference_mode():
         with_lora = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "stack.safetensors", 1.0)[0]
     both = run_node(node_classes["SparseAtoms_Apply"], model=with_lora, sparse_atoms=trained,
