@@ -11,13 +11,15 @@ from ._dictionary import DictionaryLearningResult, learn_dictionary
 from ._synthetic import SyntheticSignals, atom_recovery, sparse_coded_signals
 from ._atoms import AtomLayer, AtomRanking, AtomsInfo, SparseAtoms
 from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
-from ._training import (TrainingResult, budget_schedule, sparse_step_, train_atoms,
+from ._training import (TrainConfig, TrainingResult, budget_schedule, sparse_step_, train_atoms,
                         trainable_parameters)
+from ._atomic_write import clean_temp_files, write_atomic
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
-                     load_atoms, save_atoms, tensor_name, write_atomic)
+                     load_atoms, save_atoms, tensor_name)
 from ._heatmap import importance_heatmap, importance_table
 from ._modules import apply_atoms, linear_weights, patched_weights
 from ._lora import LORA_FORMATS, LowRankDelta, atomize, atomize_lora, lora_deltas, to_lora
+from ._effects import EFFECT_METHODS, ablation_effects, measure_effects
 
 __all__ = [
     "omp", "omp_gram", "lasso", "lasso_gram", "lasso_objective",
@@ -25,10 +27,12 @@ __all__ = [
     "SyntheticSignals", "atom_recovery", "sparse_coded_signals",
     "AtomLayer", "AtomRanking", "AtomsInfo", "SparseAtoms",
     "DICTIONARY_METHODS", "build_atoms", "build_layer",
-    "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms", "trainable_parameters",
+    "TrainConfig", "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms",
+    "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
-    "load_atoms", "save_atoms", "tensor_name", "write_atomic",
+    "clean_temp_files", "load_atoms", "save_atoms", "tensor_name", "write_atomic",
     "importance_heatmap", "importance_table",
     "apply_atoms", "linear_weights", "patched_weights",
     "LORA_FORMATS", "LowRankDelta", "atomize", "atomize_lora", "lora_deltas", "to_lora",
+    "EFFECT_METHODS", "ablation_effects", "measure_effects",
 ]

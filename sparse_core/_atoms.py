@@ -272,10 +272,12 @@ class SparseAtoms:
         layers = {key: replace(layer, effect=None) for key, layer in self.layers.items()}
         return SparseAtoms(layers, replace(self.info, effects={}))
 
-    def ranking(self) -> AtomRanking:
-        """Every atom of the model, most important first; ties keep layer then row order."""
+    def ranking(self, scores: Mapping[str, torch.Tensor] | None = None) -> AtomRanking:
+        """Every atom of the model, most important first; ties keep layer then row order.
+        ``scores`` (``{key: (m,)}`` for every layer) ranks by other values than the importance
+        (the trainer's budget ranks by accumulated Taylor scores)."""
         keys = self.keys()
-        parts = [value.cpu().double() for value in self.importance().values()]
+        parts = [value.detach().cpu().double() for value in self._scores(scores).values()]
         importance = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
         layer = torch.cat([torch.full((len(p),), n, dtype=torch.long) for n, p in enumerate(parts)]
                           ) if parts else torch.zeros(0, dtype=torch.long)
@@ -297,21 +299,31 @@ class SparseAtoms:
         }
         return SparseAtoms(layers, self.info)
 
-    def top_k_mask(self, k: int, *, per_layer: bool = False) -> dict[str, torch.Tensor]:
-        """Masks keeping the ``k`` most important atoms of the model (or of each layer)."""
+    def _scores(self, scores: Mapping[str, torch.Tensor] | None) -> Mapping[str, torch.Tensor]:
+        if scores is None:
+            return self.importance()
+        for key, layer in self.layers.items():
+            if key not in scores or tuple(scores[key].shape) != (layer.n_atoms,):
+                raise ValueError(f"scores must give ({layer.n_atoms},) values for layer {key!r}")
+        return {key: scores[key] for key in self.layers}
+
+    def top_k_mask(self, k: int, *, per_layer: bool = False,
+                   scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Masks keeping the ``k`` most important atoms of the model (or of each layer); by
+        ``scores`` instead of the importance when given (see :meth:`ranking`)."""
         if isinstance(k, bool) or not isinstance(k, int):
             raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if per_layer:
             masks = {}
-            for key, importance in self.importance().items():
+            for key, importance in self._scores(scores).items():
                 mask = torch.zeros(len(importance), dtype=torch.bool)
-                order = torch.sort(-importance.cpu(), stable=True).indices
+                order = torch.sort(-importance.detach().cpu(), stable=True).indices
                 mask[order[:k]] = True
                 masks[key] = mask
             return masks
-        ranking = self.ranking()
+        ranking = self.ranking(scores)
         masks = {key: torch.zeros(layer.n_atoms, dtype=torch.bool) for key, layer in self.layers.items()}
         keys = ranking.keys
         for layer_no, position in zip(ranking.layer[:k].tolist(), ranking.position[:k].tolist()):

@@ -12,7 +12,13 @@ non-smooth parts exactly:
    ``delta W`` is unchanged). This makes ``|s_i|`` the atom's importance and keeps the l1 penalty
    meaningful when ``D`` or ``C`` train (otherwise ``s`` could shrink while ``C`` grows);
 2. **proximal l1**: ``s <- sign(s) * max(|s| - lr * l1, 0)`` (soft-thresholding);
-3. **budget**: coefficients outside the ``budget`` most important atoms are set to zero.
+3. **budget**: coefficients outside the ``budget`` best atoms are set to zero. "Best" is by
+   default (``budget_by="taylor"``) the atom's accumulated first-order effect on the loss, an
+   exponential moving average (decay :data:`TAYLOR_DECAY`) of ``|s_i * dL/ds_i|`` over the steps
+   (the loss change to first order if the atom were removed); ``budget_by="weight norm"`` ranks by
+   ``|s_i| * ||d_i|| * ||c_i||``. On the digits concept the Taylor budget kept the concept at least
+   as well at every atom count (2 atoms: 100 % fidelity against 90 % by weight norm; see
+   bench/bench_method.py --parts budget).
 
 :func:`budget_schedule` lowers the budget gradually during training (Zhu & Gupta, 2017, *To prune,
 or not to prune*): atoms compete while the model still adapts, instead of being cut afterwards.
@@ -62,6 +68,8 @@ from ._atoms import SparseAtoms
 __all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "budget_schedule",
            "TrainingResult", "train_atoms"]
 
+BUDGET_CRITERIA = ("taylor", "weight norm")
+TAYLOR_DECAY = 0.9  # the Taylor budget's moving average keeps this much of its past per step
 LOSS_LIMIT = 100.0  # a loss this many times the starting loss has exploded
 REFERENCE_STEPS = 5  # the starting loss: median of this many first steps (batches are noisy)
 MAX_STEP_GROWTH = 3.0  # renormalisation may grow a coefficient at most this much in one step
@@ -97,7 +105,8 @@ class TrainConfig:
     ComfyUI node extends it with its dtype options, the digits code with its dictionary).
 
     ``steps``, ``lr``, ``l1``, ``budget`` (``None``: no hard budget; else the number of atoms
-    kept over the whole model), ``train_atoms`` / ``train_readouts`` drive :func:`train_atoms`;
+    kept over the whole model), ``budget_by`` (one of :data:`BUDGET_CRITERIA`: how the budget
+    ranks atoms), ``train_atoms`` / ``train_readouts`` drive :func:`train_atoms`;
     ``batch`` (images per step), ``seed`` and ``prior_weight`` (weight of the prior-preservation
     loss) drive the front ends' loss functions. Every field is checked on construction (and by
     :func:`dataclasses.replace`): a ``TypeError`` or ``ValueError`` names the field and value;
@@ -108,6 +117,7 @@ class TrainConfig:
     lr: float = 3e-3
     l1: float = 0.0
     budget: int | None = None
+    budget_by: str = "taylor"
     train_atoms: bool = True
     train_readouts: bool = False
     batch: int = 1
@@ -123,6 +133,8 @@ class TrainConfig:
                     and self.budget < 1:
                 raise ValueError(f"budget must be None (no budget) or >= 1 atom, got {self.budget}")
             self.budget = _int("budget", self.budget, 1)
+        if self.budget_by not in BUDGET_CRITERIA:
+            raise ValueError(f"budget_by must be one of {BUDGET_CRITERIA}, got {self.budget_by!r}")
         self.train_atoms = _bool("train_atoms", self.train_atoms)
         self.train_readouts = _bool("train_readouts", self.train_readouts)
         self.batch = _int("batch", self.batch, 1)
@@ -147,9 +159,10 @@ def trainable_parameters(atoms: SparseAtoms, *, train_atoms: bool = True,
 
 @torch.no_grad()
 def sparse_step_(atoms: SparseAtoms, *, l1_threshold: float = 0.0, budget: int | None = None,
-                 per_layer: bool = False) -> None:
+                 per_layer: bool = False, scores: dict[str, torch.Tensor] | None = None) -> None:
     """Normalise, soft-threshold by ``l1_threshold`` (= learning rate * l1 weight) and keep at most
-    ``budget`` atoms with non-zero coefficients (over the model, or per layer). In place."""
+    ``budget`` atoms with non-zero coefficients (over the model, or per layer), ranked by
+    ``scores`` (``{key: (m,)}``) when given, else by importance. In place."""
     l1_threshold = _number("l1_threshold", l1_threshold, positive=False)
     for layer in atoms.layers.values():
         atom_norms = layer.atoms.norm(dim=1)
@@ -161,7 +174,7 @@ def sparse_step_(atoms: SparseAtoms, *, l1_threshold: float = 0.0, budget: int |
             s = layer.coefficients
             s.copy_(torch.sign(s) * (s.abs() - l1_threshold).clamp_min(0))
     if budget is not None:
-        for key, keep in atoms.top_k_mask(budget, per_layer=per_layer).items():
+        for key, keep in atoms.top_k_mask(budget, per_layer=per_layer, scores=scores).items():
             atoms[key].coefficients.mul_(keep.to(atoms[key].coefficients.device))
 
 
@@ -235,6 +248,10 @@ def train_atoms(
     params = trainable_parameters(atoms, train_atoms=config.train_atoms,
                                   train_readouts=config.train_readouts)
     guard = _Guard(atoms, config)
+    taylor = None  # the Taylor budget's scores, {key: (m,)}
+    if config.budget is not None and config.budget_by == "taylor":
+        taylor = {key: torch.zeros_like(layer.coefficients, dtype=torch.float32)
+                  for key, layer in atoms.layers.items()}
     optimizer = torch.optim.Adam(params, lr=config.lr)
     result = TrainingResult()
     try:
@@ -252,12 +269,15 @@ def train_atoms(
                 result.stopped = guard.restore(f"step {step + 1}", "a gradient became NaN or inf",
                                                _LOWER_LR)
                 break
+            if taylor is not None:
+                _accumulate_taylor(atoms, taylor)
             before = guard.coefficients()
             optimizer.step()
             stepped = guard.coefficients()
             sparse_step_(atoms, l1_threshold=config.lr * config.l1,
                          budget=None if config.budget is None else
-                         budget_schedule(step + 1, config.steps, config.budget, atoms.n_atoms))
+                         budget_schedule(step + 1, config.steps, config.budget, atoms.n_atoms),
+                         scores=taylor)
             problem = guard.check_update(before, stepped)
             if problem:
                 result.stopped = guard.restore(f"step {step + 1}", *problem)
@@ -283,6 +303,16 @@ def train_atoms(
     del result.losses[guard.kept_step:]
     result.final_loss = guard.kept_loss
     return result
+
+
+@torch.no_grad()
+def _accumulate_taylor(atoms: SparseAtoms, scores: dict[str, torch.Tensor]) -> None:
+    """``score <- decay * score + (1 - decay) * |s * dL/ds|`` for atoms still in the model (the
+    gradient of this step, before the update); pruned atoms (``s == 0``) score zero."""
+    for key, layer in atoms.layers.items():
+        s, grad = layer.coefficients, layer.coefficients.grad
+        taylor = torch.zeros_like(scores[key]) if grad is None else (s * grad).abs().float()
+        scores[key].mul_(TAYLOR_DECAY).add_((1 - TAYLOR_DECAY) * taylor).mul_(s != 0)
 
 
 def _loss_value(loss, step: int) -> float:

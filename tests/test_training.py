@@ -185,3 +185,42 @@ def test_config_must_be_a_train_config():
     atoms, loss = fitting_problem()
     with pytest.raises(TypeError, match="config must be a TrainConfig, got dict"):
         sc.train_atoms(atoms, loss, {"steps": 2})
+
+
+def _loud_and_quiet_layers():
+    """Two layers whose atoms have equal weight norms per unit coefficient, but the 'loud' layer's
+    output is scaled down 30x before the loss: its atoms need large coefficients (large weight
+    norms) for a small share of the loss, while the 'quiet' layer carries most of it."""
+    generator = torch.Generator().manual_seed(0)
+    weights = {key: torch.randn(16, 12, generator=generator) for key in ("loud", "quiet")}
+    atoms = sc.build_atoms(weights, 6, "svd")
+    x = torch.randn(12, 64, generator=generator)
+    target = {}
+    for key, scale in (("loud", 0.2), ("quiet", 1.0)):
+        layer = atoms[key]
+        s = scale * torch.tensor([1.0, 0.8, 0.6, 0.0, 0.0, 0.0])
+        target[key] = (layer.atoms.T @ (s[:, None] * layer.readouts)) @ x
+
+    def loss(step):
+        return ((atoms.delta("loud") @ x / 30 - target["loud"]).pow(2).mean()
+                + (atoms.delta("quiet") @ x - target["quiet"]).pow(2).mean())
+
+    return atoms, loss
+
+
+def test_taylor_budget_keeps_the_atoms_that_matter_for_the_loss():
+    final = {}
+    for criterion in sc.TrainConfig.__dataclass_fields__["budget_by"].default, "weight norm":
+        atoms, loss = _loud_and_quiet_layers()
+        result = sc.train_atoms(atoms, loss, steps=300, lr=0.05, budget=3, budget_by=criterion,
+                                train_atoms=False)
+        assert result.stopped is None and atoms.n_active == 3
+        final[criterion] = (float(loss(0)), int((atoms["quiet"].coefficients != 0).sum()))
+    assert final["weight norm"][1] == 0  # the weight norm keeps only the loud layer's atoms
+    assert final["taylor"][1] >= 1
+    assert final["taylor"][0] < 0.7 * final["weight norm"][0], final
+
+
+def test_budget_by_is_validated():
+    with pytest.raises(ValueError, match="budget_by must be one of"):
+        sc.TrainConfig(budget=4, budget_by="effect")
