@@ -10,6 +10,11 @@
 - Apply Sparse Atoms: KSampler time on the patched model vs the unpatched model (the patch is
   merged into the weights when the model loads, so sampling should cost the same).
 - Build Atom Dictionary (svd) on every attention layer of the mid-size model.
+- Measuring atom effects after training (what Train Sparse Concept does at its end, on its own
+  training images, with the calibration it picks for a run of S steps) against the training time
+  of those S steps (S x its time per step, measured in the same process before and after), on the
+  same model and atoms, all coefficients non-zero (the most atoms there can be to estimate). Its
+  time includes loading the model; a warm-up measurement runs first.
 
 Models: a tiny SDXL-like UNet (as in the host tests) and a mid-size SDXL-like UNet that fits a
 CPU (channels 128, transformer depth 0/2/4 with 768-wide context), both built from ComfyUI's
@@ -157,6 +162,70 @@ def train_once(which: str, model_name: str, steps: int, rank: int) -> dict:
     return {"seconds": seconds, "peak_bytes": memory.value}
 
 
+def effects_once(model_name: str, rank: int, run_steps: list[int], steps: int) -> dict:
+    """In this process: Train Sparse Concept's time per step (batch 1, every layer, ``rank``
+    atoms per layer; from runs of 1 and ``steps`` steps, before and after the measurements) and
+    the seconds of the effect measurement it runs at the end of a run of each of ``run_steps``
+    steps (after a warm-up measurement), on the same atoms with every coefficient non-zero."""
+    _comfy()
+    import importlib
+
+    import torch
+    from conftest import run_node
+
+    node_classes = _our_nodes()
+    package = node_classes["SparseAtoms_MeasureEffects"].__module__.rpartition(".")[0]
+    effects = importlib.import_module(f"{package}.effects")
+    training = importlib.import_module(f"{package}.training")
+    with torch.inference_mode():
+        model, cond, latents = build_model(model_name)
+        atoms = run_node(node_classes["SparseAtoms_BuildDictionary"], model=model,
+                         preset="custom regex", layer_regex=".", atoms_per_layer=rank,
+                         method="svd", seed=0)[0]
+
+    def train(n):
+        start = time.perf_counter()
+        run_node(node_classes["SparseAtoms_TrainConcept"], model=model, latents=latents,
+                 conditioning=cond, atom_dict=atoms, steps=n, learning_rate=1e-4, batch_size=1,
+                 l1=0.0, atom_budget=0, tune_atoms=True, seed=0, training_dtype="fp32",
+                 gradient_checkpointing=False)
+        return time.perf_counter() - start
+
+    # (the trainer's own measurement at its end is the same 1 x 1 one for both lengths)
+    per_step = [(train(steps) - train(1)) / (steps - 1)]
+    active = _all_active(atoms)
+    dataset = training.Dataset(latents["samples"], cond)
+    plan = lambda n: effects.training_calibration(dataset, training.TrainSettings(steps=n), False)
+    measured = {}
+    with torch.inference_mode():
+        effects.measure(model, active, plan(1))  # warm-up
+        for n in run_steps:
+            measured[n] = (effects.measure(model, active, plan(n)).info.effects["seconds"],
+                           plan(n).describe())
+    per_step.append((train(steps) - train(1)) / (steps - 1))
+    return {"per_step": statistics.mean(per_step), "atoms": atoms.n_atoms, "measured": measured}
+
+
+def _all_active(atoms):
+    """``atoms`` with random non-zero coefficients (every atom active)."""
+    from dataclasses import replace
+
+    import sparse_core as sc
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    layers = {key: replace(layer, coefficients=0.1 * torch.randn(layer.n_atoms, generator=generator))
+              for key, layer in atoms.layers.items()}
+    return sc.SparseAtoms(layers, atoms.info)
+
+
+def subprocess_effects(model, rank, run_steps, steps) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child-effects", model, str(rank),
+               str(steps), *map(str, run_steps)]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, env=os.environ)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
 def _our_nodes():
     import asyncio
     import tempfile
@@ -233,6 +302,10 @@ def bench_apply_and_build(model_name, repeats):
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-effects":
+        model, rank, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        print(json.dumps(effects_once(model, rank, [int(n) for n in sys.argv[5:]], steps)))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         which, model, steps, rank = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         print(json.dumps(train_once(which, model, steps, rank)))
@@ -242,11 +315,15 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--skip-training", action="store_true", help="only the Apply and Build figures")
+    parser.add_argument("--effects-runs", type=int, nargs="*", default=[300, 1000],
+                        help="training-run lengths (steps) whose effect measurement is timed")
     args = parser.parse_args()
     models = ["tiny-sdxl"] if args.quick else ["tiny-sdxl", "mid-sdxl"]
     steps = {"tiny-sdxl": 21, "mid-sdxl": 6}
     lines = ["| model | trainer | s / step | peak memory (MiB) | time ratio | memory ratio |",
              "|---|---|---|---|---|---|"]
+    effect_lines = ["| model | training run (batch 1): steps x s/step | effects measured on | "
+                    "measuring (s) | training (s) | measuring / training |", "|---|---|---|---|---|---|"]
     for model in ([] if args.skip_training else models):
         rows = bench_training(model, args.rank, steps[model], args.repeats)
         (ours_t, ours_m), (lora_t, lora_m) = rows["ours"], rows["lora"]
@@ -254,6 +331,14 @@ def main():
                      f"{ours_m / 2**20:.0f} | **{ours_t / lora_t:.2f}x** | **{ours_m / lora_m:.2f}x** |")
         lines.append(f"| {model} | TrainLoraNode (rank {args.rank}) | {lora_t:.3f} | {lora_m / 2**20:.0f} | 1 | 1 |")
         print(lines[-2], "\n" + lines[-1], flush=True)
+        if args.effects_runs:
+            result = subprocess_effects(model, args.rank, args.effects_runs, steps[model])
+            for run_steps, (seconds, calibration) in result["measured"].items():
+                training = int(run_steps) * result["per_step"]
+                effect_lines.append(
+                    f"| {model} | {run_steps} steps x {result['per_step']:.3f} s, {result['atoms']} "
+                    f"atoms | {calibration} | {seconds:.2f} | {training:.1f} | **{seconds / training:.1%}** |")
+                print(effect_lines[-1], flush=True)
     apply = bench_apply_and_build(models[-1], args.repeats)
     lines += ["", "| model | KSampler, 10 steps: unpatched (s) | with atoms applied (s) | overhead |",
               "|---|---|---|---|",
@@ -262,6 +347,9 @@ def main():
               "", f"Build Atom Dictionary (svd, 64 atoms/layer) on every attention layer of {models[-1]}: "
               f"{apply['layers']} layers, {apply['atoms']} atoms in {apply['build_seconds']:.2f} s "
               f"({1000 * apply['build_seconds'] / apply['layers']:.0f} ms per layer)"]
+    if len(effect_lines) > 2:
+        lines += ["", "Measuring atom effects at the end of Train Sparse Concept, relative to its "
+                  "training time:", *effect_lines]
     print("\n".join(lines))
 
 

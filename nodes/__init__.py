@@ -2,6 +2,7 @@
 
 from .atom_nodes import NODES as ATOM_NODES
 from .digits_nodes import NODES as DIGITS_NODES
+from .effect_nodes import NODES as EFFECT_NODES
 from .file_nodes import NODES as FILE_NODES
 
-NODE_LIST = [*ATOM_NODES, *FILE_NODES, *DIGITS_NODES]
+NODE_LIST = [*ATOM_NODES, *EFFECT_NODES, *FILE_NODES, *DIGITS_NODES]

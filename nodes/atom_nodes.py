@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import re
 import time
 
 import torch
@@ -15,8 +15,9 @@ from comfy_api.latest import io
 
 import sparse_core as sc
 
-from . import masks, presets
-from .common import CATEGORY, FOLDER, AtomDict, SparseAtomsType, loss_curve, rgb_to_image, send_text
+from . import effects, masks, presets, routes
+from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, check_finite, check_latent_channels,
+                     loss_curve, rgb_to_image, save_numbered, send_text)
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family
 from .training import Dataset, TrainSettings, train
 
@@ -137,12 +138,15 @@ class TrainSparseConcept(io.ComfyNode):
     def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0):
+        check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1, prior_weight=prior_weight)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
+        check_latent_channels(model, concept.latents, "latents", "Train Sparse Concept")
         prior = None
         if (prior_latents is None) != (prior_conditioning is None):
             raise ValueError("prior preservation needs both prior_latents and prior_conditioning")
         if prior_latents is not None:
             prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
+            check_latent_channels(model, prior.latents, "prior_latents", "Train Sparse Concept")
         atoms = atom_dict
         if atoms is None:
             atoms, report = build_dictionary(model, "cross-attention k/v", "", 32, "svd", seed)
@@ -150,7 +154,7 @@ class TrainSparseConcept(io.ComfyNode):
         else:
             check_fit(model, atoms)
         settings = TrainSettings(steps=steps, lr=learning_rate, batch=batch_size, l1=l1,
-                                 budget=atom_budget, tune_atoms=tune_atoms, seed=seed,
+                                 budget=atom_budget or None, train_atoms=tune_atoms, seed=seed,
                                  dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
                                  prior_weight=prior_weight)
         node_id = cls.hidden.unique_id
@@ -167,18 +171,26 @@ class TrainSparseConcept(io.ComfyNode):
         except comfy.model_management.InterruptProcessingException as interrupt:
             _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
             raise
-        trained = trained.top_k(trained.n_active)  # the atoms that carry the concept
+        # the atoms that carry the concept (any effects the dictionary had are stale now)
+        trained = trained.without_effects().top_k(trained.n_active)
         trained.info.prompt = ""
         trained.info.training = {**vars(settings), "images": len(concept.latents),
                                  "prior_images": 0 if prior is None else len(prior.latents),
                                  "steps_done": result.steps_done, "stopped": result.stopped,
                                  "losses": [round(v, 6) for v in result.losses[:: max(1, len(result.losses) // 2000)]],
                                  "seconds": round(time.time() - started, 1)}
-        message = (f"{result.steps_done} steps, final loss {result.losses[-1]:.4f}; "
+        message = (f"{result.steps_done} steps, final loss {result.final_loss:.4f}; "
                    f"{trained.n_atoms} atoms kept of {atoms.n_atoms}") if result.losses else "no step completed"
         if result.stopped:
             message = f"STOPPED EARLY: {result.stopped}. {message}"
             log.warning("Train Sparse Concept: %s", message)
+        try:  # rank the kept atoms by their measured effect on the training images
+            trained, measured = effects.after_training(model, trained, concept, settings,
+                                                       prior is not None, node_id)
+        except comfy.model_management.InterruptProcessingException:
+            _save_interrupted(trained, node_id)
+            raise
+        message = f"{message}; {measured}"
         patched = apply_to_model(model, trained, 1.0)
         return io.NodeOutput(patched, trained, loss_curve(result.losses), ui={"text": [message]})
 
@@ -201,12 +213,16 @@ def _dataset(latent, conditioning, latent_name, cond_name) -> Dataset:
 
 def _save_interrupted(atoms, node_id) -> None:
     """Cancelling keeps the atoms of the last completed step: they are saved (atomically) to
-    models/sparse_atoms/interrupted/ and the log says where; the input model is unchanged."""
+    models/sparse_atoms/interrupted/<time>-node<id>_00001.safetensors (a new number for every
+    cancel) and the log says where; the input model is unchanged."""
     if atoms is None:
         return
-    folder = os.path.join(folder_paths.get_folder_paths(FOLDER)[0], "interrupted")
-    path = os.path.join(folder, time.strftime("%Y%m%d-%H%M%S") + f"-node{node_id}.safetensors")
-    sc.save_atoms(atoms, path)
+    node = re.sub(r"[^A-Za-z0-9_-]", "-", str(node_id))  # e.g. "12:5" inside a subgraph
+    path = save_numbered(folder_paths.get_folder_paths(FOLDER)[0],
+                         f"interrupted/{time.strftime('%Y%m%d-%H%M%S')}-node{node}",
+                         "Train Sparse Concept (cancelled)",
+                         lambda target, overwrite: sc.save_atoms(atoms, target, overwrite=overwrite),
+                         overwrite=False)  # a new numbered name: never replaces an earlier run's atoms
     log.warning("Train Sparse Concept cancelled; the atoms of the last completed step were saved "
                 "to %s", path)
 
@@ -232,6 +248,7 @@ class ApplySparseAtoms(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, sparse_atoms, strength, density):
+        check_finite("Apply Sparse Atoms", strength=strength, density=density)
         kept = sparse_atoms.density(density)
         patched = apply_to_model(model, kept, strength)
         return io.NodeOutput(patched, ui={"text": [f"{kept.n_atoms} of {sparse_atoms.n_atoms} atoms "
@@ -259,13 +276,15 @@ class AtomMaskEditor(io.ComfyNode):
 
     @classmethod
     def execute(cls, sparse_atoms, mask, density):
+        check_finite("Atom Mask Editor", density=density)
         off = masks.parse_mask(mask, sparse_atoms)
         keep = masks.keep_masks(sparse_atoms, off, density)
         kept = sparse_atoms.select(keep)
         kept_ids = {key: set(layer.index.tolist()) for key, layer in kept.layers.items()}
         table = sc.importance_table(sparse_atoms, kept=kept_ids)
-        picture = rgb_to_image(sc.importance_heatmap(table))
-        summary = f"{kept.n_atoms} of {sparse_atoms.n_atoms} atoms kept"
+        routes.remember(table)  # a reloaded page gets it back by table["id"]
+        picture = rgb_to_image(masks.heatmap_picture(table))
+        summary = masks.editor_summary(table)
         return io.NodeOutput(kept, picture, ui={"atom_table": [table], "text": [summary]})
 
 

@@ -1,0 +1,257 @@
+"""Measuring atom effects through ComfyUI's own machinery (the calibration side of issue 8).
+
+The atoms enter the model as weight wrappers (``W + delta W`` evaluated at every forward, so
+:func:`sparse_core.measure_effects` can remove, isolate or gate atoms by changing their
+coefficients), and the model is called through a ``Guider_Basic`` whose sampler is the
+measurement, so conditioning is encoded the way sampling encodes it. Noise comes from the model's
+own ``model_sampling`` (eps, v or flow models alike), at fixed noise levels with fixed noise::
+
+    sigma_l = model_sampling.percent_to_sigma((l + 0.5) / L),   l = 0 .. L-1
+    x_t     = model_sampling.noise_scaling(sigma_l, noise, x0)
+    output  = guider(x_t, sigma_l) / sigma_l
+
+Dividing the model's denoised prediction by sigma makes differences between two atom sets the
+difference of the model's own prediction (its noise for eps models, its velocity for flow
+models), the quantity the trainer's loss measures, so every noise level weighs alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import comfy_extras.nodes_custom_sampler as custom_sampler
+
+import sparse_core as sc
+
+from .common import send_text
+from .patching import AtomsWeightWrapper, check_fit, release
+from .training import (Dataset, TrainSettings, _broadcast_conds, _checkpointed, _clone_cond,
+                       _copy_inference_weights, _saved_tensor_copies)
+
+EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
+PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
+TRAINING_SHARE = 0.1  # measuring after training costs at most about this share of the training
+
+
+@dataclass
+class Calibration:
+    """What effects are measured on: ``latents (N, C, H, W)`` as ComfyUI holds them (before
+    ``process_latent_in``) with one CONDITIONING entry, or one per latent, each seen at
+    ``noise_levels`` noise levels; at most ``batch_size`` latents per forward pass."""
+
+    latents: torch.Tensor
+    conds: list
+    noise_levels: int = 4
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.latents, torch.Tensor) or self.latents.ndim < 4 or not len(self.latents):
+            raise ValueError("calibration latents must be a non-empty batch (N, C, H, W), got "
+                             f"{getattr(self.latents, 'shape', type(self.latents).__name__)}")
+        if not bool(torch.isfinite(self.latents).all()):
+            raise ValueError("calibration latents contain NaN or inf")
+        if self.noise_levels < 1 or self.batch_size < 1:
+            raise ValueError(f"noise_levels and batch_size must be >= 1, got {self.noise_levels} "
+                             f"and {self.batch_size}")
+        self.conds = _broadcast_conds(list(self.conds), len(self.latents), "calibration")
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(len(self.latents) / self.batch_size)
+
+    @property
+    def n_batches(self) -> int:
+        """Calibration batches: every chunk of latents at every noise level."""
+        return self.noise_levels * self.n_chunks
+
+    def describe(self) -> str:
+        count, levels = len(self.latents), self.noise_levels
+        return (f"{count} latent{'s' * (count != 1)} x {levels} noise level{'s' * (levels != 1)}")
+
+
+def measure(model, atoms: sc.SparseAtoms, calibration: Calibration, *,
+            exact_top: int = EXACT_TOP, progress=None, bf16: bool = False,
+            gradient_checkpointing: bool = False) -> sc.SparseAtoms:
+    """A copy of ``atoms`` whose layers carry their measured effects on ``calibration``;
+    ``info.effects`` says how they were measured and how long it took (model loading included).
+
+    ``progress(done, total)`` is called while measuring; an exception it raises (cancel) stops
+    the measurement and leaves ``atoms`` and ``model`` unchanged. ``bf16`` and
+    ``gradient_checkpointing`` save memory as they do in training."""
+    check_fit(model, atoms)
+    started = time.perf_counter()
+
+    def run(wired, predict, n_batches):
+        return sc.measure_effects(wired, predict, n_batches=n_batches, exact_top=exact_top,
+                                  probes=PROBES, progress=progress,
+                                  calibration=calibration.describe())
+
+    found = _with_retry(model, atoms, calibration, run, bf16, gradient_checkpointing)
+    # The effects, on the caller's atoms exactly as they were (dtype and device kept).
+    layers = {key: replace(layer, effect=found[key].effect.detach().to(layer.coefficients.device,
+                                                                      torch.float32))
+              for key, layer in atoms.clone().layers.items()}
+    info = replace(atoms.info, training=dict(atoms.info.training),
+                   effects={**found.info.effects, "seconds": round(time.perf_counter() - started, 3)})
+    return sc.SparseAtoms(layers, info)
+
+
+def predictions(model, calibration: Calibration) -> torch.Tensor:
+    """The model's outputs on every calibration batch, concatenated ``(noise_levels * N, C, H, W)``
+    (float32, CPU; noise level by noise level, latents in their order): the quantity whose change
+    an atom's effect is. ``model`` may carry any patches (applied atoms, LoRAs)."""
+
+    def run(wired, predict, n_batches):
+        with torch.no_grad():
+            return torch.cat([predict(batch).cpu() for batch in range(n_batches)])
+
+    return _with_retry(model, None, calibration, run)
+
+
+def after_training(model, trained: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
+                   with_prior: bool, node_id=None) -> tuple[sc.SparseAtoms, str]:
+    """Freshly trained atoms ranked by their effects on their own training images (see
+    :func:`training_calibration`), and a line saying what was measured and how long it took;
+    with a progress bar whose updates also check the cancel button."""
+    if not trained.n_atoms:
+        return trained, "no atom to measure"
+    calibration = training_calibration(concept, settings, with_prior)
+    bar = comfy.utils.ProgressBar(1)
+
+    def progress(done, total):
+        bar.update_absolute(done, total)
+        send_text(f"measuring atom effects: model call {done}/{total}", node_id)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    measured = measure(model, trained, calibration, progress=progress, bf16=settings.dtype == "bf16",
+                       gradient_checkpointing=settings.gradient_checkpointing)
+    seconds, training = measured.info.effects["seconds"], trained.info.training.get("seconds")
+    share = f" ({100 * seconds / training:.0f}% of the training time)" if training else ""
+    return measured, (f"effects measured on {calibration.describe()} of the training images in "
+                      f"{seconds:.1f} s{share}")
+
+
+def training_calibration(concept: Dataset, settings: TrainSettings, with_prior: bool) -> Calibration:
+    """A calibration from the training images that costs about :data:`TRAINING_SHARE` of the
+    training: training ran ``steps * batch`` forward and backward passes of one image (twice that
+    with prior preservation), about three forward passes each; measuring costs about
+    ``2 + 2 * PROBES + EXACT_TOP`` forward passes per image and noise level (the gradient estimate,
+    then the exact ablations). Up to 8 images (spread over the data set) x 4 noise levels, at
+    least 1 x 1, in batches of the training's batch size (memory the training needed already)."""
+    training = 3 * settings.steps * settings.batch * (2 if with_prior else 1)
+    affordable = max(1, int(TRAINING_SHARE * training / (2 + 2 * PROBES + EXACT_TOP)))
+    levels = min(4, affordable)
+    count = max(1, min(8, len(concept.latents), affordable // levels))
+    chosen = torch.linspace(0, len(concept.latents) - 1, count).round().long().tolist()
+    conds = _broadcast_conds(concept.conds, len(concept.latents), "calibration")
+    return Calibration(concept.latents[chosen], [conds[i] for i in chosen], noise_levels=levels,
+                       seed=settings.seed, batch_size=settings.batch)
+
+
+class _CalibrationSampler(comfy.samplers.Sampler):
+    """Runs ``run(predict, n_batches)`` where a sampler would run its steps; ``predict(batch)``
+    is the model's output on calibration batch ``batch`` (see the module docstring)."""
+
+    def __init__(self, calibration: Calibration, cond_of: list[int], run, bf16: bool,
+                 copy_saved: bool):
+        self.calibration, self.cond_of, self.run = calibration, cond_of, run
+        self.bf16, self.copy_saved = bf16, copy_saved
+        self.result = None
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
+               denoise_mask=None, disable_pbar=False):
+        calibration = self.calibration
+        conds = model_wrap.conds["positive"]
+        sampling = model_wrap.inner_model.model_sampling
+        x0_all = latent_image  # already through process_latent_in
+        generator = torch.Generator().manual_seed(calibration.seed)
+        # Fixed noise per (noise level, latent): every call of predict(batch) sees the same inputs.
+        noises = torch.randn((calibration.noise_levels, *x0_all.shape), generator=generator).to(x0_all)
+        levels = [float(sampling.percent_to_sigma((level + 0.5) / calibration.noise_levels))
+                  for level in range(calibration.noise_levels)]
+
+        def predict(batch: int) -> torch.Tensor:
+            """The model's prediction ``(n, C, H, W)`` for calibration batch ``batch``."""
+            level, chunk = divmod(batch, calibration.n_chunks)
+            rows = range(chunk * calibration.batch_size,
+                         min((chunk + 1) * calibration.batch_size, len(x0_all)))
+            outputs, order = [], []
+            for cond_index in sorted({self.cond_of[i] for i in rows}):
+                chosen = [i for i in rows if self.cond_of[i] == cond_index]
+                order += chosen
+                x0 = x0_all[chosen]
+                sigma = torch.full((len(chosen),), levels[level]).to(x0)
+                x_t = sampling.noise_scaling(sigma, noises[level, chosen], x0, False)
+                model_wrap.conds["positive"] = [conds[cond_index]]
+                autocast = torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+                with autocast, _saved_tensor_copies(self.copy_saved):
+                    denoised = model_wrap(x_t, sigma, **extra_args)
+                outputs.append(denoised.float() / max(levels[level], 1e-3))
+            return torch.cat(outputs)[torch.argsort(torch.tensor(order))]  # the latents' order
+
+        try:
+            self.result = self.run(predict, calibration.n_batches)
+        finally:
+            model_wrap.conds["positive"] = conds
+        return torch.zeros_like(latent_image)
+
+
+def _with_retry(model, atoms, calibration, run, bf16=False, checkpointing=False):
+    try:
+        return _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved=False)
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        # As in training: models that update activations in place (ComfyUI's Flux) need copies
+        # of the tensors backward keeps.
+        return _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved=True)
+
+
+def _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved):
+    """``run(wired, predict, n_batches)`` inside a guider over a clone of ``model`` with
+    ``atoms`` (if any) wired in as weight wrappers; ``wired`` are those atoms (fp32, on the
+    model's device), whose coefficients ``run`` may change between ``predict`` calls."""
+    patcher = model.clone()
+    if bf16:
+        patcher.set_model_compute_dtype(torch.bfloat16)
+    with torch.inference_mode(False):
+        wired = None if atoms is None else atoms.clone().to(patcher.load_device, dtype=torch.float32)
+        for key, layer in ({} if wired is None else wired.layers).items():
+            patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
+        _copy_inference_weights(patcher, set() if wired is None else set(wired.layers))
+        patcher.model.requires_grad_(False)
+        data = calibration.latents.detach().clone().float()
+        unique, cond_of = _distinct(calibration.conds)
+        guider = custom_sampler.Guider_Basic(patcher)
+        guider.set_conds([_clone_cond(cond) for cond in unique])  # indexed by cond_of
+        sampler = _CalibrationSampler(calibration, cond_of,
+                                      lambda predict, n_batches: run(wired, predict, n_batches),
+                                      bf16, copy_saved)
+        try:
+            with _checkpointed(patcher.model.diffusion_model, checkpointing):
+                guider.sample(torch.zeros_like(data), data, sampler, torch.arange(len(data)),
+                              seed=calibration.seed, disable_pbar=True)
+        finally:
+            release(patcher)
+    return sampler.result
+
+
+def _distinct(conds: list) -> tuple[list, list[int]]:
+    """The distinct conditioning objects and, per latent, the position of its own among them
+    (identical entries share one forward pass)."""
+    unique, cond_of = [], []
+    for cond in conds:
+        match = next((i for i, seen in enumerate(unique) if seen is cond), None)
+        if match is None:
+            unique.append(cond)
+            match = len(unique) - 1
+        cond_of.append(match)
+    return unique, cond_of
