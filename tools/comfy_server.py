@@ -1,5 +1,6 @@
-"""A real ComfyUI server on loopback for tests and tools: CPU only, every folder in a temporary
-base directory, this repository symlinked in as its only custom node package."""
+"""A real ComfyUI server on loopback for tests and tools: on the CPU (ComfyUI's default device with
+SPARSE_ATOMS_TEST_DEVICE=cuda), every folder in a temporary base directory, this repository
+symlinked in as its only custom node package."""
 
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfyui_path: str, python: str = sys.executable, base: str | None = None):
+    def __init__(self, comfyui_path: str, python: str = sys.executable, base: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        """``extra_args``: more ComfyUI command-line options (e.g. ``--bf16-unet``)."""
         self.comfyui_path = os.path.abspath(comfyui_path)
+        self.extra_args = list(extra_args)
         self.python = python
         self.base = base or tempfile.mkdtemp(prefix="sparse_atoms_comfy_")
         self.port = _free_port()
@@ -43,10 +47,11 @@ class ComfyServer:
         link = os.path.join(custom, PACKAGE)
         if not os.path.exists(link):
             os.symlink(REPO, link)
-        command = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        device = [] if os.environ.get("SPARSE_ATOMS_TEST_DEVICE", "cpu") == "cuda" else ["--cpu"]
+        command = [self.python, "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port),
                    "--disable-auto-launch", "--disable-api-nodes", "--base-directory", self.base,
                    "--database-url", f"sqlite:///{os.path.join(self.base, 'user', 'comfy.db')}",
-                   "--log-stdout"]
+                   "--log-stdout", *self.extra_args]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                    PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "w")

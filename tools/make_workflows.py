@@ -2,11 +2,14 @@
 through the real ComfyUI frontend: load each graph with the frontend's own ``loadApiJson``, let it
 lay the graph out, and save what the frontend serialises.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/make_workflows.py
+    COMFYUI_PATH=/path/to/ComfyUI python tools/make_workflows.py [NAME ...]
+
+With names (e.g. ``sd15_concept``), only those graphs are regenerated.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pathlib
@@ -21,11 +24,20 @@ API = REPO / "tests" / "host" / "workflows_api"
 OUT = REPO / "workflows"
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="graphs to regenerate (default: all)")
+    names = parser.parse_args(argv).names
+    paths = [API / f"{name}.json" for name in names] or sorted(API.glob("*.json"))
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        parser.error(f"no such graph in {API}: {', '.join(missing)}")
+    if "COMFYUI_PATH" not in os.environ:
+        parser.error("set COMFYUI_PATH to a ComfyUI checkout")
     server = ComfyServer(os.environ["COMFYUI_PATH"]).start()
     try:
         with frontend_page(server.url) as page:
-            for path in sorted(API.glob("*.json")):
+            for path in paths:
                 graph = json.loads(path.read_text())
                 before = len(page.errors)
                 ui = page.evaluate(

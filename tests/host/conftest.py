@@ -22,7 +22,8 @@ sys.modules.pop("nodes", None)
 
 from comfy.cli_args import args  # noqa: E402
 
-args.cpu = True  # before comfy.model_management is imported
+# before comfy.model_management is imported; SPARSE_ATOMS_TEST_DEVICE=cuda runs on ComfyUI's GPU
+args.cpu = os.environ.get("SPARSE_ATOMS_TEST_DEVICE", "cpu") != "cuda"
 
 import torch  # noqa: E402
 

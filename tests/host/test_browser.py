@@ -89,7 +89,8 @@ def test_shipped_workflows_load_and_run_from_the_page(server, path):
         assert not our_errors(page), page.errors
 
 
-@pytest.mark.parametrize("path", sorted(WORKFLOWS.glob("sdxl_*.json")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted([*WORKFLOWS.glob("sdxl_*.json"), *WORKFLOWS.glob("sd15_*.json")]),
+                         ids=lambda p: p.stem)
 def test_sdxl_workflows_load_with_every_node_known(server, path):
     """They need the user's SDXL checkpoint to run; here they must load with no unknown node."""
     with frontend_page(server.url) as page:

@@ -69,6 +69,8 @@ def test_digits_workflows_run_to_success(server, name):
     ("sdxl_concept", {"1": "ckpt_name", "2": "folder"}),
     ("sdxl_editing", {"1": "ckpt_name", "2": "image"}),
     ("sdxl_composition", {"1": "ckpt_name", "2": "atoms_name", "3": "atoms_name"}),
+    ("sd15_concept", {"1": "ckpt_name", "2": "folder"}),
+    ("sd15_editing", {"1": "ckpt_name", "2": "image"}),
 ])
 def test_sdxl_workflows_validate_except_for_the_users_files(server, name, missing):
     """With no SDXL checkpoint here, the only validation errors are the files a user supplies."""
