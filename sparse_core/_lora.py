@@ -76,10 +76,7 @@ def _lora_state(atoms: SparseAtoms, format: str, dtype: torch.dtype) -> dict[str
         if format == "diff":
             state[f"{key}.diff"] = layer.delta().to(dtype).contiguous()
             continue
-        kept = layer.select(active)
-        compute = torch.float64 if kept.atoms.dtype == torch.float64 else torch.float32
-        up = kept.atoms.to(compute).T * kept.coefficients.to(compute)  # (out, r)
-        down = kept.readouts.to(compute)  # (r, in')
+        up, down = layer.select(active).factors()  # (out, r), (r, in'): delta W = up @ down
         rank = up.shape[1]
         kernel = layer.weight_shape[2:]
         if kernel:  # conv: kohya-style shapes, which every LoRA loader reshapes the same way

@@ -115,8 +115,8 @@ def test_export_refuses_nan_and_values_the_dtype_cannot_hold():
     atoms["diffusion_model.x.proj"].coefficients[0] = float("nan")
     with pytest.raises(ValueError, match="layer 'diffusion_model.x.proj': coefficients contains NaN"):
         sc.to_lora(atoms)
-    atoms["diffusion_model.x.proj"].coefficients[0] = 1e6  # up = D.T s: beyond float16's 65504
-    with pytest.raises(ValueError, match="'diffusion_model.x.proj.lora_up.weight' does not fit torch.float16"):
+    atoms["diffusion_model.x.proj"].coefficients[0] = 1e6  # down = diag(s) C: beyond float16's 65504
+    with pytest.raises(ValueError, match="'diffusion_model.x.proj.lora_down.weight' does not fit torch.float16"):
         sc.to_lora(atoms, dtype=torch.float16)
     with pytest.raises(TypeError, match="atoms must be SparseAtoms"):
         sc.to_lora({"diffusion_model.x.proj": atoms["diffusion_model.x.proj"]})
