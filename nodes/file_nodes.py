@@ -27,6 +27,15 @@ _OVERWRITE_TOOLTIP = ("Off: write a new numbered file, <filename>_00001.safetens
                       "replacing a file of that name.")
 
 
+def _save(folder_name: str, filename: str, what: str, overwrite: bool, write) -> str:
+    """Save into the model folder ``folder_name`` through ``write(path, overwrite=...)`` (see
+    :func:`save_numbered`); logs and returns the name written, relative to the folder."""
+    folder = folder_paths.get_folder_paths(folder_name)[0]
+    path = save_numbered(folder, filename, what, write, overwrite=overwrite)
+    log.info("%s: wrote %s", what, path)
+    return os.path.relpath(path, folder)
+
+
 class SaveSparseAtoms(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -43,12 +52,8 @@ class SaveSparseAtoms(io.ComfyNode):
 
     @classmethod
     def execute(cls, sparse_atoms, filename, overwrite=False):
-        folder = folder_paths.get_folder_paths(FOLDER)[0]
-        path = save_numbered(folder, filename, "Save Sparse Atoms",
-                             lambda target, overwrite: sc.save_atoms(sparse_atoms, target, overwrite=overwrite),
-                             overwrite=overwrite)
-        written = os.path.relpath(path, folder)
-        log.info("Save Sparse Atoms: wrote %s", path)
+        written = _save(FOLDER, filename, "Save Sparse Atoms", overwrite,
+                        lambda target, overwrite: sc.save_atoms(sparse_atoms, target, overwrite=overwrite))
         return io.NodeOutput(ui={"text": [f"saved {sparse_atoms.n_atoms} atoms to {written}"]})
 
 
@@ -98,12 +103,8 @@ class SparseAtomsToLoRA(io.ComfyNode):
             raise ValueError("Sparse Atoms to LoRA: no atom has a non-zero coefficient; nothing to export")
         data = save_safetensors(state, metadata={"sparse_atoms_format": format,
                                                  "architecture": sparse_atoms.info.architecture})
-        folder = folder_paths.get_folder_paths("loras")[0]
-        path = save_numbered(folder, filename, "Sparse Atoms to LoRA",
-                             lambda target, overwrite: sc.write_atomic(target, data, overwrite=overwrite),
-                             overwrite=overwrite)
-        written = os.path.relpath(path, folder)
-        log.info("Sparse Atoms to LoRA: wrote %s", path)
+        written = _save("loras", filename, "Sparse Atoms to LoRA", overwrite,
+                        lambda target, overwrite: sc.write_atomic(target, data, overwrite=overwrite))
         return io.NodeOutput(ui={"text": [f"wrote {written} ({len(state)} tensors)"]})
 
 

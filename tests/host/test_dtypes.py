@@ -10,7 +10,7 @@ import nodes as comfy_nodes
 
 import tiny_models
 from conftest import run_node
-from test_nodes import build, patched_weights, train
+from test_nodes import applied_weights, build, patched_weights, train
 
 # (stored weight dtype, compute dtype ComfyUI casts to; None = compute in the weight's dtype)
 DTYPES = {
@@ -62,11 +62,7 @@ def test_train_apply_export_with_low_precision_weights(node_classes, comfy_dirs,
     for layer in trained.layers.values():  # the atoms themselves stay fp32 whatever the weights
         assert layer.coefficients.dtype == torch.float32 and bool(torch.isfinite(layer.atoms).all())
 
-    keys = [f"{k}.weight" for k in trained]
-    base = {k: v.detach().clone() for k, v in model.model.state_dict().items() if k in keys}
-    applied = run_node(node_classes["SparseAtoms_Apply"], model=model, sparse_atoms=trained,
-                       strength=1.0, density=1.0)[0]
-    got = patched_weights(applied, keys)
+    keys, base, got = applied_weights(node_classes, model, trained, 1.0)
     for key in trained:
         weight = got[f"{key}.weight"]
         assert weight.dtype == weight_dtype, (key, weight.dtype)

@@ -33,6 +33,15 @@ def patched_weights(patcher, keys):
     return weights
 
 
+def applied_weights(node_classes, model, trained, strength):
+    """(weight keys, the model's weights before, the weights with Apply at ``strength``)."""
+    keys = [f"{k}.weight" for k in trained]
+    base = {k: v.detach().clone() for k, v in model.model.state_dict().items() if k in keys}
+    applied = run_node(node_classes["SparseAtoms_Apply"], model=model, sparse_atoms=trained,
+                       strength=strength, density=1.0)[0]
+    return keys, base, patched_weights(applied, keys)
+
+
 def build(node_classes, model, n_atoms=4, preset=PRESET, method="svd"):
     return run_node(node_classes["SparseAtoms_BuildDictionary"], model=model, preset=preset,
                     layer_regex="", atoms_per_layer=n_atoms, method=method, seed=0)[0]
@@ -58,11 +67,7 @@ def test_build_train_apply_export_on_real_architectures(node_classes, comfy_dirs
     assert trained.n_active > 0 and baseline[1].info.training["steps_done"] == 40
 
     # Apply equals W + strength * delta W of the kept atoms
-    keys = [f"{k}.weight" for k in trained]
-    base = {k: v.detach().clone() for k, v in model.model.state_dict().items() if k in keys}
-    applied = run_node(node_classes["SparseAtoms_Apply"], model=model, sparse_atoms=trained,
-                       strength=0.7, density=1.0)[0]
-    got = patched_weights(applied, keys)
+    keys, base, got = applied_weights(node_classes, model, trained, 0.7)
     for key in trained:
         expected = base[f"{key}.weight"] + 0.7 * trained.delta(key)
         assert torch.allclose(got[f"{key}.weight"], expected, rtol=1e-6, atol=1e-7), key
