@@ -68,3 +68,22 @@ def run_node(node_class, **inputs):
     with torch.inference_mode():
         output = prepared.execute(**inputs)
     return output
+
+
+@pytest.fixture(autouse=True)
+def clean_models():
+    """Every test starts and ends with ComfyUI's model management empty."""
+    import comfy.model_management
+
+    yield
+    comfy.model_management.unload_all_models()
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real ComfyUI server on loopback with this package, one per test module."""
+    from comfy_server import ComfyServer
+
+    comfy = ComfyServer(COMFYUI_PATH).start()
+    yield comfy
+    comfy.stop()

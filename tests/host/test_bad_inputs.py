@@ -23,12 +23,6 @@ from test_nodes import build, train
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(autouse=True)
-def clean_models():
-    yield
-    mm.unload_all_models()
-
-
 @pytest.fixture(scope="module")
 def sd15(node_classes):
     """A tiny SD1.5 model and atoms trained on it for 3 steps (non-zero coefficients)."""

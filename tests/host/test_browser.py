@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import time
 import urllib.error
 
@@ -17,8 +16,6 @@ import numpy as np
 import pytest
 
 from browser import CHROMIUM, frontend_page
-from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(f"browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
@@ -26,13 +23,6 @@ if not os.path.exists(CHROMIUM):
 WORKFLOWS = pathlib.Path(__file__).resolve().parents[2] / "workflows"
 NO_EXTERNAL_MODEL = sorted(p for p in WORKFLOWS.glob("digits_*.json"))
 EDITOR = "SparseAtoms_MaskEditor"
-
-
-@pytest.fixture(scope="module")
-def server():
-    comfy = ComfyServer(COMFYUI_PATH).start()
-    yield comfy
-    comfy.stop()
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +50,21 @@ def queue_and_wait(page, server, timeout=900):
             return entry
         time.sleep(0.5)
     raise TimeoutError("the page queued nothing")
+
+
+def wait_for_table(page):
+    """Until the editor widget holds its table."""
+    page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
+                                      .atomMaskEditor.state.table !== null""", timeout=30000)
+
+
+def queue_and_read_editor(page, server):
+    """Queue the graph, check it ran, wait for the editor's table: (history entry, widget state)."""
+    entry = queue_and_wait(page, server)
+    assert "execution_success" in server.messages(entry), server.log_tail()
+    wait_for_table(page)
+    focus_editor(page)
+    return entry, editor_state(page)
 
 
 def our_errors(page):
@@ -147,12 +152,7 @@ def test_atom_mask_editor_in_the_editing_workflow(server, shots):
             const train = window.app.graph.nodes.find(n => n.type === "SparseAtoms_TrainConcept");
             train.widgets.find(w => w.name === "seed").value = 11;
         }""")
-        first = queue_and_wait(page, server)
-        assert "execution_success" in server.messages(first), server.log_tail()
-        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
-                                          .atomMaskEditor.state.table !== null""", timeout=30000)
-        focus_editor(page)
-        state = editor_state(page)
+        first, state = queue_and_read_editor(page, server)
         pixels = canvas_pixels(state)
         assert pixels.std() > 10, "the heat-map canvas is blank"
         assert state["rows"] > 0
@@ -216,8 +216,7 @@ def test_atom_mask_editor_in_the_editing_workflow(server, shots):
         stored = drop_stored_tables(page)
         assert stored, "the open workflow was not stored with the table's id"
         reload_page(page)
-        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
-                                          .atomMaskEditor.state.table !== null""", timeout=30000)
+        wait_for_table(page)
         fetched = editor_state(page)
         assert fetched["mask"] == mask_before_reload and fetched["rows"] == restored["rows"]
         assert len(server.get("/history")) == runs, "the table came back by re-running the graph"
@@ -300,7 +299,6 @@ def test_editor_redraws_an_sdxl_size_table_quickly_and_cleans_up(server, shots):
 def test_widget_colours_match_the_importance_image(server):
     """The node's IMAGE output and the widget draw the same table with the same colours."""
     import torch
-    import sparse_core as sc
     from sparse_core._heatmap import PALETTE, colours
 
     values = [0.0, 1e-4, 3e-3, 0.02, 0.1, 0.5, 1.0, 2.0]
@@ -457,12 +455,7 @@ def test_editor_ranks_and_colours_by_measured_effect(server):
             load.connect(0, editor, 0);
             editor.connect(1, preview, 0);
         }}""", files[True])
-        entry = queue_and_wait(page, server)
-        assert "execution_success" in server.messages(entry), server.log_tail()
-        page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
-                                          .atomMaskEditor.state.table !== null""", timeout=30000)
-        focus_editor(page)
-        state = editor_state(page)
+        entry, state = queue_and_read_editor(page, server)
         assert state["status"] == ("8 / 8 atoms kept · 100.0% of the total effect · "
                                    "ranked by measured effect"), state["status"]
         title = page.evaluate(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")
@@ -493,10 +486,10 @@ def test_editor_ranks_and_colours_by_measured_effect(server):
             assert error.value.code == code
 
         # Atoms without effects: ranked by weight norm, and said so.
-        page.evaluate(f"""(name) => {{
+        page.evaluate("""(name) => {
             window.app.graph.nodes.find(n => n.type === "SparseAtoms_Load")
                 .widgets.find(w => w.name === "atoms_name").value = name;
-        }}""", files[False])
+        }""", files[False])
         entry = queue_and_wait(page, server)
         assert "execution_success" in server.messages(entry), server.log_tail()
         page.wait_for_function(f"""() => window.app.graph.nodes.find(n => n.type === "{EDITOR}")

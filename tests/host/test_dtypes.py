@@ -22,12 +22,6 @@ DTYPES = {
 RESOLUTION = {"fp16": 2**-10, "bf16": 2**-7, "fp8_e4m3fn": 2**-3}
 
 
-@pytest.fixture(autouse=True)
-def clean_models():
-    yield
-    mm.unload_all_models()
-
-
 def tiny_sd15(weight_dtype, compute_dtype):
     """Tiny SD1.5 with the random weights of ``tiny_models.build("sd15")``, stored in
     ``weight_dtype`` (as UNETLoader's weight_dtype or an fp8 checkpoint would give them)."""

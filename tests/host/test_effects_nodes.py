@@ -18,15 +18,9 @@ import folder_paths
 
 import sparse_core as sc
 import tiny_models
-from conftest import COMFYUI_PATH, run_node
+from conftest import run_node
 
 API = pathlib.Path(__file__).parent / "workflows_api"
-
-
-@pytest.fixture(autouse=True)
-def clean_models():
-    yield
-    mm.unload_all_models()
 
 
 @pytest.fixture(scope="module")
@@ -282,15 +276,6 @@ def test_bad_inputs_are_clear_errors(node_classes):
     nan = {"samples": torch.full((2, 4, 16, 16), float("nan"))}
     with pytest.raises(ValueError, match="Measure Atom Effects: calibration_latents contain NaN or inf"):
         measure(node_classes, sd15, atoms, "sd15", calibration_latents=nan)
-
-
-@pytest.fixture(scope="module")
-def server():
-    from comfy_server import ComfyServer
-
-    comfy = ComfyServer(COMFYUI_PATH).start()
-    yield comfy
-    comfy.stop()
 
 
 def test_node_schema_has_a_tooltip_and_bounds_on_every_input(server):

@@ -19,13 +19,6 @@ from conftest import COMFYUI_PATH
 TEMP = re.compile(r"\.sparse-atoms-\d+-[0-9a-f]{16}\.tmp")
 
 
-@pytest.fixture(scope="module")
-def server():
-    comfy = ComfyServer(COMFYUI_PATH).start()
-    yield comfy
-    comfy.stop()
-
-
 class Messages:
     """The server's websocket messages to this client, collected in a background thread."""
 

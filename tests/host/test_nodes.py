@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import comfy.lora
 import comfy.model_management as mm
 import folder_paths
 import nodes as comfy_nodes
@@ -15,12 +14,6 @@ import tiny_models
 from conftest import run_node
 
 PRESET = "self+cross attention"
-
-
-@pytest.fixture(autouse=True)
-def clean_models():
-    yield
-    mm.unload_all_models()
 
 
 def patched_weights(patcher, keys):

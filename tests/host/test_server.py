@@ -6,8 +6,6 @@ import pathlib
 
 import pytest
 
-from conftest import COMFYUI_PATH
-from comfy_server import ComfyServer
 
 API = pathlib.Path(__file__).parent / "workflows_api"
 NODES = {
@@ -26,13 +24,6 @@ NODES = {
     "SparseAtoms_ImageToDigitsLatent": ("Image to Digits Latent", ["LATENT"]),
     "SparseAtoms_DigitExamples": ("Digit Examples", ["LATENT", "CONDITIONING"]),
 }
-
-
-@pytest.fixture(scope="module")
-def server():
-    comfy = ComfyServer(COMFYUI_PATH).start()
-    yield comfy
-    comfy.stop()
 
 
 def test_object_info_lists_every_node_with_its_types(server):
