@@ -14,7 +14,10 @@ the same run.
   CPU's resident set) above the level before training, the effect measurement included.
 - Patch time: loading the model (``load_models_gpu``) with Apply's patch vs with the stock LoRA of
   equal rank (the same atoms exported by ``sparse_core.to_lora``, loaded by
-  ``comfy.sd.load_lora_for_models``), both minus the unpatched load; median of alternating repeats.
+  ``comfy.sd.load_lora_for_models``), both minus the unpatched load; one untimed load of each
+  first, then the median of repeats whose order reverses every time (loads get faster as the
+  allocator warms up, which a fixed order would charge to whichever comes first).
+  ``--patch-only`` skips the training table; ``--sample-steps 0`` skips sampling.
 - Sampling overhead: KSampler on the Apply-patched model vs the unpatched model, alternating.
 - ``--flux-dictionary``: Build Atom Dictionary (svd, "self+cross attention") on a random full-size
   Flux (dev's config, bf16, built on the GPU).
@@ -127,9 +130,13 @@ def patch_and_sample_once(checkpoint, px, rank, repeats, sample_steps) -> dict:
         lora = comfy.sd.load_lora_for_models(model, None, sc.to_lora(atoms, format="lora"), 1.0, 0.0)[0]
     assert len(lora.patches) == len(patched.patches) == len(atoms), "LoRA and atoms patch different layers"
 
-    loads = {"base": [], "atoms": [], "lora": []}
-    for _ in range(repeats):
-        for which, patcher in (("base", model), ("atoms", patched), ("lora", lora)):
+    patchers = [("base", model), ("atoms", patched), ("lora", lora)]
+    for _, patcher in patchers:  # warm-up: the first loads pay for fresh memory
+        mm.unload_all_models()
+        mm.load_models_gpu([patcher], force_full_load=True)
+    loads = {which: [] for which, _ in patchers}
+    for repeat in range(repeats):
+        for which, patcher in patchers if repeat % 2 == 0 else patchers[::-1]:
             mm.unload_all_models()
             _sync()
             start = time.perf_counter()
@@ -137,6 +144,8 @@ def patch_and_sample_once(checkpoint, px, rank, repeats, sample_steps) -> dict:
             _sync()
             loads[which].append(time.perf_counter() - start)
     loaded = {k: statistics.median(v) for k, v in loads.items()}
+    if not sample_steps:
+        return {"arch": arch, "layers": len(atoms), "load": loaded, "sample": None}
 
     negative = [[torch.zeros_like(cond[0][0]), dict(cond[0][1])]]
     empty = {"samples": torch.zeros_like(latents["samples"])}
@@ -198,39 +207,8 @@ def child(*args) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        name, *args = json.loads(sys.argv[2])
-        bench_comfy._comfy()  # ComfyUI on the path, its device chosen (CUDA when there is one)...
-        import comfy.model_management  # noqa: F401  (...and fixed, before the host tests' conftest)
-        import conftest  # noqa: F401  (run_node)
-        function = {"train": train_once, "patch": patch_and_sample_once, "flux": flux_dictionary}[name]
-        print(json.dumps(function(*args)))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", help="an SD1.5 or SDXL single-file checkpoint")
-    parser.add_argument("--px", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
-    parser.add_argument("--steps", type=int, default=4, help="training steps of the long run (>= 2)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank = atoms per layer")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sample-steps", type=int, default=4)
-    parser.add_argument("--flux-dictionary", action="store_true")
-    parser.add_argument("--atoms", type=int, default=64, help="atoms per layer of --flux-dictionary")
-    options = parser.parse_args()
-    if options.flux_dictionary:
-        flux = child("flux", options.atoms)
-        print(f"| Flux-size dictionary (svd, self+cross attention) | {flux['parameters'] / 1e9:.1f} B "
-              f"parameters | {flux['layers']} layers | {flux['atoms']} atoms | {flux['seconds']:.1f} s | "
-              f"peak {flux['peak_gib']:.1f} GiB |")
-        return
-    if not options.checkpoint or not os.path.isfile(options.checkpoint):
-        parser.error(f"--checkpoint must be an existing file, got {options.checkpoint!r} "
-                     "(make one with tools/random_checkpoint.py)")
-    if options.steps < 2:
-        parser.error(f"--steps must be at least 2, got {options.steps}")
-    name = os.path.basename(options.checkpoint)
+def train_table(options, name):
+    """Train Sparse Concept vs TrainLoraNode, one markdown row per size, dtype and checkpointing."""
     print("| checkpoint | px | dtype | checkpointing | Train Sparse Concept s/step | TrainLoraNode s/step | "
           "time ratio | peak MiB (ours / LoRA) | memory ratio | effects measured after training (s) |\n"
           "|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -252,16 +230,55 @@ def main():
                 print(f"| {name} | {px} | {dtype} | {checkpointing} | {ours_t:.3f} | {lora_t:.3f} | "
                       f"**{ours_t / lora_t:.2f}x** | {ours_m / 2**20:.0f} / {lora_m / 2**20:.0f} | "
                       f"**{ours_m / lora_m:.2f}x** | {effects:.1f} |", flush=True)
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        name, *args = json.loads(sys.argv[2])
+        bench_comfy._comfy()  # ComfyUI on the path, its device chosen (CUDA when there is one)...
+        import comfy.model_management  # noqa: F401  (...and fixed, before the host tests' conftest)
+        import conftest  # noqa: F401  (run_node)
+        function = {"train": train_once, "patch": patch_and_sample_once, "flux": flux_dictionary}[name]
+        print(json.dumps(function(*args)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", help="an SD1.5 or SDXL single-file checkpoint")
+    parser.add_argument("--px", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--steps", type=int, default=4, help="training steps of the long run (>= 2)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank = atoms per layer")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sample-steps", type=int, default=4, help="0: no sampling overhead")
+    parser.add_argument("--patch-only", action="store_true", help="skip the training table")
+    parser.add_argument("--flux-dictionary", action="store_true")
+    parser.add_argument("--atoms", type=int, default=64, help="atoms per layer of --flux-dictionary")
+    options = parser.parse_args()
+    if options.flux_dictionary:
+        flux = child("flux", options.atoms)
+        print(f"| Flux-size dictionary (svd, self+cross attention) | {flux['parameters'] / 1e9:.1f} B "
+              f"parameters | {flux['layers']} layers | {flux['atoms']} atoms | {flux['seconds']:.1f} s | "
+              f"peak {flux['peak_gib']:.1f} GiB |")
+        return
+    if not options.checkpoint or not os.path.isfile(options.checkpoint):
+        parser.error(f"--checkpoint must be an existing file, got {options.checkpoint!r} "
+                     "(make one with tools/random_checkpoint.py)")
+    if options.steps < 2:
+        parser.error(f"--steps must be at least 2, got {options.steps}")
+    name = os.path.basename(options.checkpoint)
+    if not options.patch_only:
+        train_table(options, name)
     px = options.px[0]
     patch = child("patch", options.checkpoint, px, options.rank, options.repeats, options.sample_steps)
     load, sample = patch["load"], patch["sample"]
     ours, stock = load["atoms"] - load["base"], load["lora"] - load["base"]
+    sampled = (f"{sample['base']:.2f} / {sample['atoms']:.2f} | "
+               f"**{100 * (sample['atoms'] / sample['base'] - 1):+.1f}%**") if sample else "not run | -"
     print(f"\n| checkpoint | layers (rank {options.rank}) | model load s: unpatched / atoms / LoRA | "
           f"patch s: atoms / LoRA | patch ratio | KSampler {options.sample_steps} steps at {px} px s: "
           f"unpatched / atoms | sampling overhead |\n|---|---|---|---|---|---|---|\n"
           f"| {name} | {patch['layers']} | {load['base']:.2f} / {load['atoms']:.2f} / {load['lora']:.2f} | "
-          f"{ours:.2f} / {stock:.2f} | **{ours / stock:.2f}x** | {sample['base']:.2f} / {sample['atoms']:.2f} | "
-          f"**{100 * (sample['atoms'] / sample['base'] - 1):+.1f}%** |")
+          f"{ours:.2f} / {stock:.2f} | **{ours / stock:.2f}x** | {sampled} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Atoms in ComfyUI's model patcher: the weight patch, the training-time weight wrapper, and the
 checks that atoms fit a model before anything is patched.
 
-Both patch paths compute ``delta W`` with :meth:`sparse_core.AtomLayer.delta`, the single source.
+Both patch paths build ``delta W`` from :meth:`sparse_core.AtomLayer.factors`, the single source
+(``AtomLayer.delta`` and the LoRA export use it too).
 """
 
 from __future__ import annotations
@@ -33,13 +34,35 @@ class SparseAtomsAdapter(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        """``weight += function(strength * up @ down)`` in place, ``weight (out, in, *kernel)``.
+
+        Dtype policy: the small factors ``up (out, m)``, ``down (m, in')`` travel to the weight's
+        device in ComfyUI's intermediate dtype (fp32 unless the user chose otherwise) and are
+        multiplied there, as ComfyUI's LoRA adapter does. Cost policy: at model load the weight is
+        ComfyUI's fp32 working copy and ``function`` the identity, so the product accumulates into
+        it with one ``addmm_`` and no weight-sized temporary (allocating those, not the
+        multiplication, is what patching a full-size model spends its time on); otherwise
+        ``strength * delta W`` is built once (``strength`` folded into ``down``), mapped by
+        ``function`` and cast to the weight's dtype."""
         if offset is not None:
             raise ValueError(f"sparse atoms patch {key!r}: sliced (offset) patches are not supported")
-        # The factors travel to the weight's device and delta W is built there, in ComfyUI's
-        # intermediate dtype (fp32 unless the user chose otherwise), then cast to the weight's.
-        delta = self.layer.delta(weight.device, intermediate_dtype)
-        weight += function(strength * delta).to(weight.dtype)
+        up, down = self.layer.factors(weight.device, intermediate_dtype)  # (out, m), (m, in')
+        if _is_identity(function) and weight.dtype == up.dtype and weight.is_contiguous():
+            weight.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=strength)  # (out, in')
+            return weight
+        delta = (up @ (strength * down)).reshape(weight.shape)  # (out, in') -> (out, in, *kernel)
+        weight += function(delta).to(weight.dtype)
         return weight
+
+
+def _is_identity(function) -> bool:
+    """Whether ``function`` is ``lambda a: a`` (same bytecode): what ComfyUI passes for a patch
+    registered without one, as :func:`apply_to_model` registers them."""
+    code = getattr(function, "__code__", None)
+    return code is not None and code.co_argcount == 1 and code.co_code == _IDENTITY_CODE
+
+
+_IDENTITY_CODE = (lambda a: a).__code__.co_code
 
 
 class AtomsWeightWrapper(torch.nn.Module):

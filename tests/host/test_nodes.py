@@ -62,8 +62,11 @@ def test_build_train_apply_export_on_real_architectures(node_classes, comfy_dirs
     # Apply equals W + strength * delta W of the kept atoms
     keys, base, got = applied_weights(node_classes, model, trained, 0.7)
     for key in trained:
-        expected = base[f"{key}.weight"] + 0.7 * trained.delta(key)
-        assert torch.allclose(got[f"{key}.weight"], expected, rtol=1e-6, atol=1e-7), key
+        delta = trained.delta(key)
+        expected = base[f"{key}.weight"] + 0.7 * delta
+        # fp32 rounding at delta W's scale: the patch accumulates the product in another order
+        assert torch.allclose(got[f"{key}.weight"], expected, rtol=1e-6,
+                              atol=1e-6 * float(delta.abs().max())), key
     assert all(torch.equal(model.model.state_dict()[k], base[k]) for k in keys)  # unpatched again
 
     # LoRA export through the stock loader gives the same weights as Apply

@@ -344,7 +344,9 @@ def lora_equals_apply(node_classes, base, ckpt_name, caplog):
         got, expected = patched_weights(via_lora, active), patched_weights(applied, active)
         changed = 0
         for key in active:
-            assert torch.allclose(got[key], expected[key], rtol=1e-5, atol=1e-6), key
+            # the same sum rounded to the stored dtype (fp16 on a GPU) may land one step apart
+            rtol = max(1e-5, 2 * torch.finfo(expected[key].dtype).eps)
+            assert torch.allclose(got[key], expected[key], rtol=rtol, atol=1e-6), key
             changed += not torch.equal(expected[key], base_weights[key])
         assert changed == len(active), f"only {changed} of {len(active)} adapted weights changed"
     finally:
