@@ -195,13 +195,14 @@ def effects_once(model_name: str, rank: int, run_steps: list[int], steps: int) -
     per_step = [(train(steps) - train(1)) / (steps - 1)]
     active = _all_active(atoms)
     dataset = training.Dataset(latents["samples"], cond)
-    plan = lambda n: effects.training_calibration(dataset, training.TrainSettings(steps=n), False)
+    plan = lambda n: effects.training_measurement(dataset, training.TrainSettings(steps=n), False)
+    run = lambda p: effects.measure(model, active, p.calibration, exact_top=p.exact_top, probes=p.probes)
     measured = {}
     with torch.inference_mode():
-        effects.measure(model, active, plan(1))  # warm-up
+        run(plan(1))  # warm-up
         for n in run_steps:
-            measured[n] = (effects.measure(model, active, plan(n)).info.effects["seconds"],
-                           plan(n).describe())
+            measured[n] = (run(plan(n)).info.effects["seconds"], f"{plan(n).calibration.describe()} "
+                           f"({plan(n).probes} probes, top {plan(n).exact_top} exact)")
     per_step.append((train(steps) - train(1)) / (steps - 1))
     return {"per_step": statistics.mean(per_step), "atoms": atoms.n_atoms, "measured": measured}
 

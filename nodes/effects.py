@@ -37,7 +37,9 @@ from .training import (Dataset, TrainSettings, _broadcast_conds, _checkpointed, 
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
-TRAINING_SHARE = 0.1  # measuring after training costs at most about this share of the training
+TRAINING_SHARE = 0.1  # measuring after training costs about this share of the training...
+MIN_EXACT_TOP = 4  # ...but never fewer exact ablations...
+MIN_PROBES = 2  # ...or probes than these (see training_measurement)
 
 
 @dataclass
@@ -77,11 +79,29 @@ class Calibration:
         return (f"{count} latent{'s' * (count != 1)} x {levels} noise level{'s' * (levels != 1)}")
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """How to measure effects: on ``calibration``, a gradient estimate with ``probes`` random
+    probes per batch, then exact ablation of the ``exact_top`` atoms it ranks highest."""
+
+    calibration: Calibration
+    exact_top: int = EXACT_TOP
+    probes: int = PROBES
+
+    def forward_passes(self) -> int:
+        """Cost in forward passes of one image: per image and noise level one forward pass with
+        gradients, ``probes`` backward passes (about two forwards each), one reference forward
+        and one per exact ablation."""
+        images = len(self.calibration.latents) * self.calibration.noise_levels
+        return images * (2 + 2 * self.probes + self.exact_top)
+
+
 def measure(model, atoms: sc.SparseAtoms, calibration: Calibration, *,
-            exact_top: int = EXACT_TOP, progress=None, bf16: bool = False,
+            exact_top: int = EXACT_TOP, probes: int = PROBES, progress=None, bf16: bool = False,
             gradient_checkpointing: bool = False) -> sc.SparseAtoms:
     """A copy of ``atoms`` whose layers carry their measured effects on ``calibration``;
-    ``info.effects`` says how they were measured and how long it took (model loading included).
+    ``info.effects`` says how they were measured (calibration, ``exact`` ablations, ``probes``)
+    and how long it took (model loading included).
 
     ``progress(done, total)`` is called while measuring; an exception it raises (cancel) stops
     the measurement and leaves ``atoms`` and ``model`` unchanged. ``bf16`` and
@@ -91,7 +111,7 @@ def measure(model, atoms: sc.SparseAtoms, calibration: Calibration, *,
 
     def run(wired, predict, n_batches):
         return sc.measure_effects(wired, predict, n_batches=n_batches, exact_top=exact_top,
-                                  probes=PROBES, progress=progress,
+                                  probes=probes, progress=progress,
                                   calibration=calibration.describe())
 
     found = _with_retry(model, atoms, calibration, run, bf16, gradient_checkpointing)
@@ -100,7 +120,8 @@ def measure(model, atoms: sc.SparseAtoms, calibration: Calibration, *,
                                                                       torch.float32))
               for key, layer in atoms.clone().layers.items()}
     info = replace(atoms.info, training=dict(atoms.info.training),
-                   effects={**found.info.effects, "seconds": round(time.perf_counter() - started, 3)})
+                   effects={**found.info.effects, "probes": probes,
+                            "seconds": round(time.perf_counter() - started, 3)})
     return sc.SparseAtoms(layers, info)
 
 
@@ -119,11 +140,11 @@ def predictions(model, calibration: Calibration) -> torch.Tensor:
 def after_training(model, trained: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
                    with_prior: bool, node_id=None) -> tuple[sc.SparseAtoms, str]:
     """Freshly trained atoms ranked by their effects on their own training images (see
-    :func:`training_calibration`), and a line saying what was measured and how long it took;
+    :func:`training_measurement`), and a line saying what was measured and how long it took;
     with a progress bar whose updates also check the cancel button."""
     if not trained.n_atoms:
         return trained, "no atom to measure"
-    calibration = training_calibration(concept, settings, with_prior)
+    plan = training_measurement(concept, settings, with_prior)
     bar = comfy.utils.ProgressBar(1)
 
     def progress(done, total):
@@ -131,29 +152,46 @@ def after_training(model, trained: sc.SparseAtoms, concept: Dataset, settings: T
         send_text(f"measuring atom effects: model call {done}/{total}", node_id)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    measured = measure(model, trained, calibration, progress=progress, bf16=settings.dtype == "bf16",
+    measured = measure(model, trained, plan.calibration, exact_top=plan.exact_top, probes=plan.probes,
+                       progress=progress, bf16=settings.dtype == "bf16",
                        gradient_checkpointing=settings.gradient_checkpointing)
     seconds, training = measured.info.effects["seconds"], trained.info.training.get("seconds")
     share = f" ({100 * seconds / training:.0f}% of the training time)" if training else ""
-    return measured, (f"effects measured on {calibration.describe()} of the training images in "
+    return measured, (f"effects measured on {plan.calibration.describe()} of the training images "
+                      f"({plan.probes} probes, top {measured.info.effects['exact']} exact) in "
                       f"{seconds:.1f} s{share}")
 
 
-def training_calibration(concept: Dataset, settings: TrainSettings, with_prior: bool) -> Calibration:
-    """A calibration from the training images that costs about :data:`TRAINING_SHARE` of the
-    training: training ran ``steps * batch`` forward and backward passes of one image (twice that
-    with prior preservation), about three forward passes each; measuring costs about
-    ``2 + 2 * PROBES + EXACT_TOP`` forward passes per image and noise level (the gradient estimate,
-    then the exact ablations). Up to 8 images (spread over the data set) x 4 noise levels, at
-    least 1 x 1, in batches of the training's batch size (memory the training needed already)."""
+def training_measurement(concept: Dataset, settings: TrainSettings, with_prior: bool) -> Measurement:
+    """How to measure the effects of freshly trained atoms on their training images, at about
+    :data:`TRAINING_SHARE` of the training's cost (in forward passes of one image).
+
+    Training ran ``steps * batch`` forward and backward passes of one image (twice that with prior
+    preservation), about three forward passes each; :meth:`Measurement.forward_passes` is the
+    measurement's cost, ``2 + 2 * probes + exact_top`` per image and noise level. Long runs get
+    :data:`PROBES` probes and :data:`EXACT_TOP` exact ablations on as many images (up to 8, spread
+    over the data set) x noise levels (up to 4) as the share affords. Shorter runs measure one
+    image at one noise level and scale ``probes`` and ``exact_top`` down together to fit the
+    share, but never below :data:`MIN_PROBES` and :data:`MIN_EXACT_TOP`: with fewer probes the
+    single batch's gradient estimate is mostly noise (relative spread about ``sqrt(2 / probes)``),
+    and the exact ablations anchor the top of the ranking. So a run of a few steps still spends
+    about ``2 + 2 * MIN_PROBES + MIN_EXACT_TOP`` = 10 forward passes, more than its share.
+    Batches have the training's batch size (memory the training needed already)."""
     training = 3 * settings.steps * settings.batch * (2 if with_prior else 1)
-    affordable = max(1, int(TRAINING_SHARE * training / (2 + 2 * PROBES + EXACT_TOP)))
-    levels = min(4, affordable)
+    budget = TRAINING_SHARE * training
+    per_image = 2 + 2 * PROBES + EXACT_TOP
+    affordable = int(budget / per_image)
+    levels = max(1, min(4, affordable))
     count = max(1, min(8, len(concept.latents), affordable // levels))
     chosen = torch.linspace(0, len(concept.latents) - 1, count).round().long().tolist()
     conds = _broadcast_conds(concept.conds, len(concept.latents), "calibration")
-    return Calibration(concept.latents[chosen], [conds[i] for i in chosen], noise_levels=levels,
-                       seed=settings.seed, batch_size=settings.batch)
+    calibration = Calibration(concept.latents[chosen], [conds[i] for i in chosen], noise_levels=levels,
+                              seed=settings.seed, batch_size=settings.batch)
+    if affordable >= 1:
+        return Measurement(calibration)
+    scale = max(0.0, (budget - 2) / (per_image - 2))  # < 1: the share of the full probes and ablations
+    return Measurement(calibration, exact_top=max(MIN_EXACT_TOP, int(scale * EXACT_TOP)),
+                       probes=max(MIN_PROBES, int(scale * PROBES)))
 
 
 class _CalibrationSampler(comfy.samplers.Sampler):
