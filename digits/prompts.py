@@ -1,9 +1,11 @@
 """Prompts of the digits model: a tiny fixed vocabulary, like a text encoder's tokenizer.
 
-A prompt is space-separated words, e.g. ``"7"``, ``"sks"``, ``"bold sks"``, or ``""`` (the empty
-prompt, used as the negative for classifier-free guidance). It becomes ``LENGTH`` token ids:
-``<bos>``, the words, then ``<pad>``. The base model is trained on the digits ``0``-``9`` except the
-held-out ``3``; ``3`` and the spare words are never trained, so they are free for new concepts.
+A prompt is space-separated words, e.g. ``"7"``, ``"slant 7"``, ``"sks"``, ``"bold sks"``, or ``""``
+(the empty prompt, used as the negative for classifier-free guidance). It becomes ``LENGTH`` token
+ids: ``<bos>``, the words, then ``<pad>``. The base model is trained on the digits ``0``-``9`` except
+the held-out ``3``, each alone or after up to two attribute words (:data:`ATTRIBUTES`, see
+:mod:`digits.attributes`); ``3`` and the spare words (among them the held-out style ``bold``) are
+never trained, so they are free for new concepts and styles.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import torch
 
 DIGITS = [str(d) for d in range(10)]
 SPARE = ["sks", "bold", "zq", "vx"]  # never trained: for concepts and styles
-VOCAB = ["<bos>", "<pad>", *DIGITS, *SPARE]
+ATTRIBUTES = ["faint", "slant", "small"]  # trained attribute words (digits/attributes.py)
+VOCAB = ["<bos>", "<pad>", *DIGITS, *SPARE, *ATTRIBUTES]
 LENGTH = 4
 HELD_OUT = 3
 TRAINED_DIGITS = [d for d in DIGITS if d != str(HELD_OUT)]  # the base model's prompts
 CONCEPT_PROMPT = "sks"
 STYLE_WORD = "bold"
+COMPOSED_PROMPT = f"{STYLE_WORD} {CONCEPT_PROMPT}"
 
 
 def tokenize(prompt: str) -> torch.Tensor:
@@ -31,7 +35,7 @@ def tokenize(prompt: str) -> torch.Tensor:
     unknown = [w for w in words if w not in VOCAB or w.startswith("<")]
     if unknown:
         raise ValueError(f"prompt word {unknown[0]!r} is not in the digits vocabulary "
-                         f"{DIGITS + SPARE}")
+                         f"{DIGITS + ATTRIBUTES + SPARE}")
     ids = [VOCAB.index("<bos>")] + [VOCAB.index(w) for w in words]
     ids += [VOCAB.index("<pad>")] * (LENGTH - len(ids))
     return torch.tensor(ids)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from digits.checkpoint import MODEL_PATH, load_prompt_encoder
-from digits.data import embolden, images_of
-from digits.prompts import DIGITS, SPARE, tokenize
+from digits.attributes import TRANSFORMS
+from digits.data import images_of
+from digits.prompts import ATTRIBUTES, DIGITS, SPARE, tokenize
 
 from .digits_model import load_digits_model
 
@@ -45,10 +46,12 @@ class DigitPrompt(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SparseAtoms_DigitPrompt", display_name="Digit Prompt", category=CATEGORY,
-            description="CONDITIONING for the digits model: a digit 0-9, an unused word for a new "
-                        "concept or style, or empty (the negative).",
+            description="CONDITIONING for the digits model: a digit 0-9 after up to two attribute "
+                        "words (e.g. 'slant small 7'), an unused word for a new concept or style "
+                        "(e.g. 'sks', 'bold sks'), or empty (the negative).",
             inputs=[io.String.Input("prompt", default="7",
-                                    tooltip=f"Up to 3 words from: {' '.join(DIGITS + SPARE)}; "
+                                    tooltip=f"Up to 3 words: digits {' '.join(DIGITS)}; attributes "
+                                            f"{' '.join(ATTRIBUTES)}; unused words {' '.join(SPARE)}; "
                                             "empty = unconditional.")],
             outputs=[io.Conditioning.Output("conditioning", display_name="CONDITIONING")],
         )
@@ -79,8 +82,9 @@ class DigitExamples(io.ComfyNode):
                 io.String.Input("digits", default="3", tooltip="Comma-separated digits, e.g. '3' or '0,1,2'."),
                 io.Int.Input("per_digit", default=8, min=1, max=170, tooltip="Images of each digit."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which images are picked."),
-                io.Combo.Input("style", options=["plain", "bold"], default="plain",
-                               tooltip="bold: strokes thickened (a style to learn)."),
+                io.Combo.Input("style", options=["plain", *TRANSFORMS], default="plain",
+                               tooltip="bold: strokes thickened (a style the model never saw, to "
+                                       "learn); faint / slant / small: the attributes it knows."),
                 io.String.Input("prompt", default="",
                                 tooltip="Prompt for every image (e.g. 'sks'); '{digit}' stands for "
                                         "the image's digit (e.g. 'bold {digit}'); empty = its digit."),
@@ -103,7 +107,7 @@ class DigitExamples(io.ComfyNode):
         images, conds = [], []
         for digit in _parse_digits(digits):
             chosen = images_of(digit, per_digit, seed=seed)
-            images.append(embolden(chosen) if style == "bold" else chosen)
+            images.append(chosen if style == "plain" else TRANSFORMS[style](chosen))
             text = prompt.replace("{digit}", str(digit)) if prompt.strip() else str(digit)
             conds += DigitPrompt.execute(text).args[0] * per_digit
         return io.NodeOutput({"samples": torch.cat(images)}, conds)

@@ -1,15 +1,15 @@
 """The shipped digits model: loads, samples deterministically, and learns the held-out digit."""
 
-import json
 
 import pytest
 import torch
 
 from digits.checkpoint import MODEL_PATH, load_model, read_metadata
 from digits.concept import ConceptSettings, build_dictionary, sample_prompts, train_concept
+from digits.attributes import lean
 from digits.data import embolden, images_of, stroke_mass
 from digits.evaluator import DigitEvaluator, reference_similarity
-from digits.prompts import CONCEPT_PROMPT, HELD_OUT, tokenize
+from digits.prompts import ATTRIBUTES, CONCEPT_PROMPT, HELD_OUT, STYLE_WORD, VOCAB, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,25 @@ def test_shipped_file_is_small_and_documents_its_training():
     metadata = read_metadata()
     assert metadata["held_out"] == HELD_OUT
     assert metadata["training"]["seed"] == 0 and metadata["training"]["steps"] > 0
-    assert metadata["training"]["accuracy_history"][-1][1] >= 0.95
+    final = metadata["training"]["final_accuracy"]  # digit accuracy per attribute prefix
+    assert set(final) == {"plain", *ATTRIBUTES} and min(final.values()) >= 0.95
+    assert metadata["training"]["held_out_style"] == STYLE_WORD
+    assert metadata["vocab"] == VOCAB
+
+
+def test_the_model_draws_each_attribute_it_was_trained_on(model, evaluator):
+    """Attributes change the samples the way they change real images, and keep the digit."""
+    dit, encoder, _ = model
+    prompts = [f"{prefix} {digit}".strip() for prefix in ["", *ATTRIBUTES] for digit in "158"]
+    samples = sample_prompts(dit, encoder, prompts, 16, seed=7)
+    of = lambda prefix: torch.cat([samples[f"{prefix} {d}".strip()] for d in "158"])
+    plain = of("")
+    for prefix in ATTRIBUTES:
+        assert evaluator.accuracy({d: samples[f"{prefix} {d}"] for d in "158"}) >= 0.8
+    assert 0.35 < float(stroke_mass(of("faint")).mean() / stroke_mass(plain).mean()) < 0.7
+    assert float(stroke_mass(of("small")).mean() / stroke_mass(plain).mean()) < 0.75
+    assert float(lean(of("slant")).mean() - lean(plain).mean()) > 0.8
+    assert float(evaluator.is_bold(plain).float().mean()) <= 0.1  # the held-out style is unknown
 
 
 def test_evaluator_is_accurate_on_held_out_real_digits(evaluator):
