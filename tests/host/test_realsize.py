@@ -12,8 +12,9 @@ deselects. Run them with:
 Environment:
 - ``SPARSE_ATOMS_REALSIZE_ARCHS``: ``sd15`` (default) or ``sd15,sdxl`` (adds the SDXL loader check and
   sdxl_concept / sdxl_editing). Measured on the CPU at 256 px: SD1.5's workflows peak at about
-  9 GiB resident in the server; SDXL's loader check at 14 GiB, and its workflows passed 17 GiB in
-  training even with ``--bf16-unet``: on the CPU they want a machine with 32 GiB or more.
+  9 GiB resident in the server; SDXL's loader check at 14 GiB, and its workflows at 14 GiB with
+  ``--bf16-unet --fp16-text-enc`` (sdxl_concept 167 s, sdxl_editing 189 s of graph time on an
+  otherwise busy 2-core CPU); in fp32 they need more than 24 GiB.
 - ``SPARSE_ATOMS_REALSIZE_PX``: image size of the workflows (default 256).
 - ``SPARSE_ATOMS_REALSIZE_DIR``: keep the generated checkpoints there between runs (default: a
   temporary directory, regenerated each run).
