@@ -32,8 +32,8 @@ import sparse_core as sc
 
 from .common import send_text
 from .patching import AtomsWeightWrapper, check_fit, release
-from .training import (Dataset, TrainSettings, _broadcast_conds, _checkpointed, _clone_cond,
-                       _copy_inference_weights, _saved_tensor_copies)
+from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _checkpointed,
+                       _clone_cond, _copy_inference_weights, _denoise, _sampler_inputs)
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
@@ -207,10 +207,7 @@ class _CalibrationSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         calibration = self.calibration
-        conds = model_wrap.conds["positive"]
-        sampling = model_wrap.inner_model.model_sampling
-        x0_all = latent_image  # already through process_latent_in
-        generator = torch.Generator().manual_seed(calibration.seed)
+        conds, sampling, x0_all, generator = _sampler_inputs(model_wrap, latent_image, calibration.seed)
         # Fixed noise per (noise level, latent): every call of predict(batch) sees the same inputs.
         noises = torch.randn((calibration.noise_levels, *x0_all.shape), generator=generator).to(x0_all)
         levels = [float(sampling.percent_to_sigma((level + 0.5) / calibration.noise_levels))
@@ -222,16 +219,14 @@ class _CalibrationSampler(comfy.samplers.Sampler):
             rows = range(chunk * calibration.batch_size,
                          min((chunk + 1) * calibration.batch_size, len(x0_all)))
             outputs, order = [], []
-            for cond_index in sorted({self.cond_of[i] for i in rows}):
-                chosen = [i for i in rows if self.cond_of[i] == cond_index]
+            for cond_index, chosen in _by_condition(self.cond_of, rows):
                 order += chosen
                 x0 = x0_all[chosen]
                 sigma = torch.full((len(chosen),), levels[level]).to(x0)
                 x_t = sampling.noise_scaling(sigma, noises[level, chosen], x0, False)
-                model_wrap.conds["positive"] = [conds[cond_index]]
                 autocast = torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-                with autocast, _saved_tensor_copies(self.copy_saved):
-                    denoised = model_wrap(x_t, sigma, **extra_args)
+                denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
+                                    self.copy_saved)
                 outputs.append(denoised.float() / max(levels[level], 1e-3))
             return torch.cat(outputs)[torch.argsort(torch.tensor(order))]  # the latents' order
 

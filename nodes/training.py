@@ -64,6 +64,29 @@ class Dataset:
     conds: list
 
 
+def _sampler_inputs(model_wrap, latent_image, seed):
+    """What a ``comfy.samplers.Sampler.sample`` call gives a training-like loop: the positive
+    CONDITIONING entries, the model's sampling (sigmas), the latents ``(N, C, H, W)`` (already
+    through ``process_latent_in``) and a generator seeded with ``seed``."""
+    return (model_wrap.conds["positive"], model_wrap.inner_model.model_sampling, latent_image,
+            torch.Generator().manual_seed(seed))
+
+
+def _by_condition(cond_of, indices):
+    """``(cond_index, [image indices])`` for the images ``indices``, one group per conditioning
+    (``cond_of[i]`` is image ``i``'s), in conditioning order: one forward per group."""
+    for cond_index in sorted({cond_of[i] for i in indices}):
+        yield cond_index, [i for i in indices if cond_of[i] == cond_index]
+
+
+def _denoise(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
+    """The model's denoised prediction for ``x_t`` at ``sigma`` under the one CONDITIONING entry
+    ``cond`` (the caller restores ``model_wrap.conds["positive"]``)."""
+    model_wrap.conds["positive"] = [cond]
+    with autocast, _saved_tensor_copies(copy_saved):
+        return model_wrap(x_t, sigma, **extra_args)
+
+
 class _TrainingSampler(comfy.samplers.Sampler):
     """Runs :func:`sparse_core.train_atoms` where a sampler would run its steps."""
 
@@ -75,27 +98,22 @@ class _TrainingSampler(comfy.samplers.Sampler):
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         settings = self.settings
-        conds = model_wrap.conds["positive"]
-        sampling = model_wrap.inner_model.model_sampling
-        x0_all = latent_image  # already through process_latent_in
+        conds, sampling, x0_all, generator = _sampler_inputs(model_wrap, latent_image, settings.seed)
         total = x0_all.shape[0]
-        generator = torch.Generator().manual_seed(settings.seed)
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
 
         def group_loss(indices):
             """Mean prediction error over images ``indices``, one forward per conditioning."""
             total_loss = 0.0
-            for cond_index in sorted({self.cond_of[i] for i in indices}):
-                chosen = [i for i in indices if self.cond_of[i] == cond_index]
+            for cond_index, chosen in _by_condition(self.cond_of, indices):
                 x0 = x0_all[chosen]
                 noise_ = torch.randn(x0.shape, generator=generator).to(x0)
                 sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in
                                       torch.rand(len(chosen), generator=generator)]).to(x0)
                 x_t = sampling.noise_scaling(sigma, noise_, x0, False)
-                model_wrap.conds["positive"] = [conds[cond_index]]
-                with autocast, _saved_tensor_copies(self.copy_saved):
-                    denoised = model_wrap(x_t, sigma, **extra_args)
+                denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
+                                    self.copy_saved)
                 scale = sigma.clamp_min(1e-3).view(-1, *([1] * (x0.dim() - 1)))
                 error = ((denoised.float() - x0.float()) / scale).pow(2)
                 total_loss = total_loss + error.flatten(1).mean(1).sum()
