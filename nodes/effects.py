@@ -33,7 +33,8 @@ import sparse_core as sc
 from .common import send_text
 from .patching import AtomsWeightWrapper, check_fit, release
 from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _checkpointed,
-                       _clone_cond, _copy_inference_weights, _denoise, _sampler_inputs)
+                       _clone_cond, _copy_inference_weights, _denoise, _distinct,
+                       _sampler_inputs)
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
@@ -275,16 +276,3 @@ def _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved):
         finally:
             release(patcher)
     return sampler.result
-
-
-def _distinct(conds: list) -> tuple[list, list[int]]:
-    """The distinct conditioning objects and, per latent, the position of its own among them
-    (identical entries share one forward pass)."""
-    unique, cond_of = [], []
-    for cond in conds:
-        match = next((i for i, seen in enumerate(unique) if seen is cond), None)
-        if match is None:
-            unique.append(cond)
-            match = len(unique) - 1
-        cond_of.append(match)
-    return unique, cond_of

@@ -64,6 +64,19 @@ class Dataset:
     conds: list
 
 
+def _distinct(conds: list) -> tuple[list, list[int]]:
+    """The distinct conditioning objects and, per latent, the position of its own among them
+    (identical entries share one forward pass)."""
+    unique, cond_of = [], []
+    for cond in conds:
+        match = next((i for i, seen in enumerate(unique) if seen is cond), None)
+        if match is None:
+            unique.append(cond)
+            match = len(unique) - 1
+        cond_of.append(match)
+    return unique, cond_of
+
+
 def _sampler_inputs(model_wrap, latent_image, seed):
     """What a ``comfy.samplers.Sampler.sample`` call gives a training-like loop: the positive
     CONDITIONING entries, the model's sampling (sigmas), the latents ``(N, C, H, W)`` (already
@@ -156,14 +169,7 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
                              f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
         latents.append(prior.latents)
         conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
-    # One conditioning object per distinct entry, so identical prompts share one forward pass.
-    unique, cond_of = [], []
-    for cond in conds:
-        match = next((i for i, u in enumerate(unique) if u is cond), None)
-        if match is None:
-            unique.append(cond)
-            match = len(unique) - 1
-        cond_of.append(match)
+    unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
 
     try:
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
