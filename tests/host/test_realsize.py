@@ -11,7 +11,7 @@ deselects. Run them with:
 
 Environment:
 - ``SPARSE_ATOMS_REALSIZE_ARCHS``: ``sd15`` (default) or ``sd15,sdxl`` (adds the SDXL loader check and
-  sdxl_concept / sdxl_editing). Measured on the CPU at 256 px: SD1.5's workflows peak at about
+  sdxl_concept / sdxl_editing, then sdxl_composition on the concept's atoms). Measured on the CPU at 256 px: SD1.5's workflows peak at about
   9 GiB resident in the server; SDXL's loader check at 14 GiB, and its workflows at 14 GiB with
   ``--bf16-unet --fp16-text-enc`` (sdxl_concept 167 s, sdxl_editing 189 s of graph time on an
   otherwise busy 2-core CPU); in fp32 they need more than 24 GiB.
@@ -305,6 +305,45 @@ def test_workflow_runs_end_to_end(checkpoint, node_classes, tmp_path, caplog, na
     assert len(images) == 1 and images[0].shape == (PX, PX, 3) and images[0].std() > 0
     if any(node["class_type"] == "SparseAtoms_ToLoRA" for node in graph.values()):
         lora_equals_apply(node_classes, base, ckpt_name, caplog)
+
+
+@pytest.mark.realsize
+def test_sdxl_composition_runs_on_atoms_the_concept_workflow_wrote(checkpoint, tmp_path):
+    """sdxl_concept writes the atoms sdxl_composition loads; the composition's second file (a
+    style the user trained) is a copy of them here. Both graphs through one real server."""
+    wanted("sdxl")
+    concept, composition = (small_run(json.loads((API / f"{name}.json").read_text()))
+                            for name in ("sdxl_concept", "sdxl_composition"))
+    base = tmp_path / "comfy"
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for graph in (concept, composition):
+        link = checkpoints / graph["1"]["inputs"]["ckpt_name"]
+        if not link.exists():
+            link.symlink_to(checkpoint("sdxl"))
+    write_inputs(base / "input", concept)
+    extra = os.environ.get("SPARSE_ATOMS_REALSIZE_SERVER_ARGS", "").split()
+    server = ComfyServer(COMFYUI_PATH, base=str(base), extra_args=extra).start()
+    try:
+        first = server.run(concept, timeout=3 * 3600)
+        assert "execution_success" in server.messages(first), server.log_tail()
+        folder = base / "models" / "sparse_atoms"
+        written = folder / composition["2"]["inputs"]["atoms_name"]
+        assert written.is_file(), sorted(folder.rglob("*"))
+        (folder / composition["3"]["inputs"]["atoms_name"]).write_bytes(written.read_bytes())
+        entry = server.run(composition, timeout=3 * 3600)
+        peak = peak_rss_mib(server.process.pid)
+    finally:
+        server.stop()
+    assert "execution_success" in server.messages(entry), server.log_tail()
+    times = {m[0]: m[1]["timestamp"] for m in entry["status"]["messages"]}
+    report({"workflow": "sdxl_composition", "px": PX, "sample_steps": 2, "server_args": extra,
+            "graph_seconds": round((times["execution_success"] - times["execution_start"]) / 1000, 1),
+            "server_peak_rss_mib": peak})
+    images = [np.asarray(Image.open(base / "output" / image.get("subfolder", "") / image["filename"]))
+              for output in entry["outputs"].values() for image in output.get("images", [])
+              if image["type"] == "output"]
+    assert len(images) == 1 and images[0].shape == (PX, PX, 3) and images[0].std() > 0
 
 
 def patched_weights(patcher, keys):
