@@ -273,38 +273,53 @@ def peak_rss_mib(pid: int) -> int:
     return int(line.split()[1]) // 1024
 
 
+def comfy_base(tmp_path, graphs, arch, checkpoint) -> pathlib.Path:
+    """A ComfyUI base folder for ``graphs``: their checkpoints linked to the random one of
+    ``arch``, the user's input images written."""
+    base = tmp_path / "comfy"
+    checkpoints = base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for graph in graphs:
+        link = checkpoints / graph["1"]["inputs"]["ckpt_name"]
+        if not link.exists():
+            link.symlink_to(checkpoint(arch))
+        write_inputs(base / "input", graph)
+    return base
+
+
+def server_args() -> list[str]:
+    return os.environ.get("SPARSE_ATOMS_REALSIZE_SERVER_ARGS", "").split()
+
+
+def check_run(server, entry, base, peak, figures) -> None:
+    """The graph succeeded; report its time and memory; it saved one ``PX`` image with content."""
+    assert "execution_success" in server.messages(entry), server.log_tail()
+    times = {m[0]: m[1]["timestamp"] for m in entry["status"]["messages"]}
+    report({**figures, "px": PX, "sample_steps": 2, "server_args": server_args(),
+            "graph_seconds": round((times["execution_success"] - times["execution_start"]) / 1000, 1),
+            "server_peak_rss_mib": peak})
+    images = [np.asarray(Image.open(base / "output" / image.get("subfolder", "") / image["filename"]))
+              for output in entry["outputs"].values() for image in output.get("images", [])
+              if image["type"] == "output"]
+    assert len(images) == 1 and images[0].shape == (PX, PX, 3) and images[0].std() > 0
+
+
 @pytest.mark.realsize
 @pytest.mark.parametrize("name", list(WORKFLOWS))
 def test_workflow_runs_end_to_end(checkpoint, node_classes, tmp_path, caplog, name):
     arch = WORKFLOWS[name]
     wanted(arch)
     graph = small_run(json.loads((API / f"{name}.json").read_text()))
-    base = tmp_path / "comfy"
-    checkpoints = base / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    ckpt_name = graph["1"]["inputs"]["ckpt_name"]
-    (checkpoints / ckpt_name).symlink_to(checkpoint(arch))
-    write_inputs(base / "input", graph)
-
-    extra = os.environ.get("SPARSE_ATOMS_REALSIZE_SERVER_ARGS", "").split()
-    server = ComfyServer(COMFYUI_PATH, base=str(base), extra_args=extra).start()
+    base = comfy_base(tmp_path, [graph], arch, checkpoint)
+    server = ComfyServer(COMFYUI_PATH, base=str(base), extra_args=server_args()).start()
     try:
         entry = server.run(graph, timeout=3 * 3600)
         peak = peak_rss_mib(server.process.pid)
     finally:
         server.stop()
-    assert "execution_success" in server.messages(entry), server.log_tail()
-    times = {m[0]: m[1]["timestamp"] for m in entry["status"]["messages"]}
-    report({"workflow": name, "px": PX, "train_steps": 2, "sample_steps": 2, "server_args": extra,
-            "graph_seconds": round((times["execution_success"] - times["execution_start"]) / 1000, 1),
-            "server_peak_rss_mib": peak})
-
-    images = [np.asarray(Image.open(base / "output" / image.get("subfolder", "") / image["filename"]))
-              for output in entry["outputs"].values() for image in output.get("images", [])
-              if image["type"] == "output"]
-    assert len(images) == 1 and images[0].shape == (PX, PX, 3) and images[0].std() > 0
+    check_run(server, entry, base, peak, {"workflow": name, "train_steps": 2})
     if any(node["class_type"] == "SparseAtoms_ToLoRA" for node in graph.values()):
-        lora_equals_apply(node_classes, base, ckpt_name, caplog)
+        lora_equals_apply(node_classes, base, graph["1"]["inputs"]["ckpt_name"], caplog)
 
 
 @pytest.mark.realsize
@@ -314,16 +329,8 @@ def test_sdxl_composition_runs_on_atoms_the_concept_workflow_wrote(checkpoint, t
     wanted("sdxl")
     concept, composition = (small_run(json.loads((API / f"{name}.json").read_text()))
                             for name in ("sdxl_concept", "sdxl_composition"))
-    base = tmp_path / "comfy"
-    checkpoints = base / "models" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    for graph in (concept, composition):
-        link = checkpoints / graph["1"]["inputs"]["ckpt_name"]
-        if not link.exists():
-            link.symlink_to(checkpoint("sdxl"))
-    write_inputs(base / "input", concept)
-    extra = os.environ.get("SPARSE_ATOMS_REALSIZE_SERVER_ARGS", "").split()
-    server = ComfyServer(COMFYUI_PATH, base=str(base), extra_args=extra).start()
+    base = comfy_base(tmp_path, [concept, composition], "sdxl", checkpoint)
+    server = ComfyServer(COMFYUI_PATH, base=str(base), extra_args=server_args()).start()
     try:
         first = server.run(concept, timeout=3 * 3600)
         assert "execution_success" in server.messages(first), server.log_tail()
@@ -335,15 +342,7 @@ def test_sdxl_composition_runs_on_atoms_the_concept_workflow_wrote(checkpoint, t
         peak = peak_rss_mib(server.process.pid)
     finally:
         server.stop()
-    assert "execution_success" in server.messages(entry), server.log_tail()
-    times = {m[0]: m[1]["timestamp"] for m in entry["status"]["messages"]}
-    report({"workflow": "sdxl_composition", "px": PX, "sample_steps": 2, "server_args": extra,
-            "graph_seconds": round((times["execution_success"] - times["execution_start"]) / 1000, 1),
-            "server_peak_rss_mib": peak})
-    images = [np.asarray(Image.open(base / "output" / image.get("subfolder", "") / image["filename"]))
-              for output in entry["outputs"].values() for image in output.get("images", [])
-              if image["type"] == "output"]
-    assert len(images) == 1 and images[0].shape == (PX, PX, 3) and images[0].std() > 0
+    check_run(server, entry, base, peak, {"workflow": "sdxl_composition"})
 
 
 def patched_weights(patcher, keys):
