@@ -142,7 +142,7 @@ def train_once(which: str, model_name: str, steps: int, rank: int) -> dict:
                 TrainLoraNode().train(model, latents, cond, 1, steps, 1, 1e-4, rank, "AdamW", "MSE",
                                       0, "fp32", "fp32", "LoRA", False, "[None]")
     else:
-        from conftest import run_node  # loads nothing; the node classes come from load_custom_node
+        from host_support import run_node  # loads nothing; the node classes come from load_custom_node
         node_classes = _our_nodes()
         with torch.inference_mode():
             atoms = run_node(node_classes["SparseAtoms_BuildDictionary"], model=model,
@@ -171,7 +171,7 @@ def effects_once(model_name: str, rank: int, run_steps: list[int], steps: int) -
     import importlib
 
     import torch
-    from conftest import run_node
+    from host_support import run_node
 
     node_classes = _our_nodes()
     package = node_classes["SparseAtoms_MeasureEffects"].__module__.rpartition(".")[0]
@@ -265,7 +265,7 @@ def bench_apply_and_build(model_name, repeats):
     import torch
     import comfy.model_management as mm
     import nodes as comfy_nodes
-    from conftest import run_node
+    from host_support import run_node
 
     node_classes = _our_nodes()
     model, cond, _ = build_model(model_name)

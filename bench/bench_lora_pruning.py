@@ -47,7 +47,7 @@ def run_seed(seed: int, keep: float, nodes_by_id) -> dict:
     import nodes as comfy_nodes
     from comfy_extras.nodes_train import TrainLoraNode, LoraModelLoader
 
-    from conftest import run_node
+    from host_support import run_node
     from digits.data import images_of
     from digits.evaluator import DigitEvaluator
 

@@ -88,7 +88,7 @@ def train_once(which, checkpoint, px, dtype, checkpointing, steps, rank) -> dict
                 TrainLoraNode().train(model, latents, cond, 1, steps, 1, 1e-4, rank, "AdamW", "MSE", 0,
                                       dtype, "fp32", "LoRA", checkpointing, "[None]")
     else:
-        from conftest import run_node
+        from host_support import run_node
 
         nodes = bench_comfy._our_nodes()
         with torch.inference_mode():
@@ -118,7 +118,7 @@ def patch_and_sample_once(checkpoint, px, rank, repeats, sample_steps) -> dict:
     import comfy.sd
     import nodes as comfy_nodes
     import sparse_core as sc
-    from conftest import run_node
+    from host_support import run_node
 
     model, cond, latents, arch = load(checkpoint, px)
     nodes = bench_comfy._our_nodes()
@@ -173,7 +173,7 @@ def flux_dictionary(atoms_per_layer: int) -> dict:
     import torch
     import comfy.model_patcher
     import comfy.supported_models as sm
-    from conftest import run_node
+    from host_support import run_node
 
     if not torch.cuda.is_available():
         raise SystemExit("--flux-dictionary needs a CUDA GPU (a full-size Flux is 24 GB in bf16)")
@@ -239,8 +239,8 @@ def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         name, *args = json.loads(sys.argv[2])
         bench_comfy._comfy()  # ComfyUI on the path, its device chosen (CUDA when there is one)...
-        import comfy.model_management  # noqa: F401  (...and fixed, before the host tests' conftest)
-        import conftest  # noqa: F401  (run_node)
+        import comfy.model_management  # noqa: F401  (...and fixed, before the host tests' helpers)
+        import host_support  # noqa: F401  (run_node)
         function = {"train": train_once, "patch": patch_and_sample_once, "flux": flux_dictionary}[name]
         print(json.dumps(function(*args)))
         return

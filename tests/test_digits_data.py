@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from repo_support import REPO
 from digits.data import DATA_PATH, images_of, load_digits
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparse_core as sc
-from conftest import load_repo_module
+from repo_support import load_repo_module
 from digits.model import DigitsDiT
 from digits.presets import PRESETS as DIGITS_PRESETS
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from repo_support import REPO
 from digits import glyphs
 from digits.data import images_of, load_digits
 from digits.quality import (FeatureSpace, correlations, distance, diversity, frechet_distance, memorization,

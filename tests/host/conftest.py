@@ -10,13 +10,12 @@ import sys
 
 import pytest
 
-COMFYUI_PATH = os.path.abspath(os.environ["COMFYUI_PATH"])
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host_support import COMFYUI_PATH, REPO  # noqa: E402
 
 # ComfyUI's modules first: its top-level ``nodes`` must win over this repository's ``nodes/``.
 if COMFYUI_PATH not in sys.path:
     sys.path.insert(0, COMFYUI_PATH)
-sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(2, os.path.join(REPO, "tools"))
 sys.modules.pop("nodes", None)
 
@@ -58,16 +57,6 @@ def node_classes(comfy_dirs):
     ours = {k: v for k, v in nodes.NODE_CLASS_MAPPINGS.items() if k.startswith("SparseAtoms_")}
     assert ours, "the extension registered no SparseAtoms_ node"
     return ours
-
-
-def run_node(node_class, **inputs):
-    """Call a V3 node as the executor does (inside torch.inference_mode) and return its outputs."""
-    from comfy_api.latest import io
-
-    prepared = node_class.PREPARE_CLASS_CLONE({io.Hidden.unique_id: "1"})
-    with torch.inference_mode():
-        output = prepared.execute(**inputs)
-    return output
 
 
 @pytest.fixture(autouse=True)

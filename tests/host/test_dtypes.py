@@ -9,7 +9,7 @@ import comfy.model_patcher
 import nodes as comfy_nodes
 
 import tiny_models
-from conftest import run_node
+from host_support import run_node
 from test_nodes import applied_weights, build, patched_weights, train
 
 # (stored weight dtype, compute dtype ComfyUI casts to; None = compute in the weight's dtype)

@@ -10,7 +10,7 @@ import torch
 
 import sparse_core as sc
 import tiny_models
-from conftest import run_node
+from host_support import run_node
 
 
 @pytest.fixture(scope="module")

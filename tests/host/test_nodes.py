@@ -11,7 +11,7 @@ import nodes as comfy_nodes
 
 import sparse_core as sc
 import tiny_models
-from conftest import run_node
+from host_support import run_node
 
 PRESET = "self+cross attention"
 

@@ -47,7 +47,7 @@ import nodes as comfy_nodes
 import random_checkpoint
 import sparse_core as sc
 from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH, REPO, run_node
+from host_support import COMFYUI_PATH, REPO, run_node
 
 API = pathlib.Path(__file__).parent / "workflows_api"
 TOOL = os.path.join(REPO, "tools", "random_checkpoint.py")
