@@ -43,9 +43,19 @@ def safe_target(folder: str, name: str, what: str) -> str:
     cleaned = name.strip()
     if not cleaned:
         raise ValueError(f"{what}: the file name is empty")
+    control = next((c for c in cleaned if ord(c) < 0x20 or ord(c) == 0x7F), None)
+    if control is not None:
+        raise ValueError(f"{what}: file name {name!r} contains the control character "
+                         f"{control!r} (no NUL, newline, tab or CR in a file name)")
+    if _LONE_SURROGATE.search(cleaned):
+        raise ValueError(f"{what}: file name {name!r} is not valid Unicode (a lone surrogate, "
+                         "e.g. an undecodable byte); type the name again")
     if os.path.isabs(cleaned) or re.match(r"^[A-Za-z]:", cleaned) or "\\" in cleaned:
         raise ValueError(f"{what}: file name {name!r} must be a plain relative name, not a path")
     parts = cleaned.split("/")
+    if any(part.strip() != part for part in parts):
+        raise ValueError(f"{what}: file name {name!r} has a part that begins or ends with a space "
+                         "(or is only spaces)")
     if any(part in ("..", "") or part.startswith(".") for part in parts):
         raise ValueError(f"{what}: file name {name!r} tries to leave {folder} (no '..', no empty or "
                          "hidden parts)")
@@ -63,6 +73,7 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, path]) == root
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_NAME_BYTES = 255  # the longest file name most file systems allow
 _MAX_NUMBER_TRIES = 1000
 
@@ -78,8 +89,17 @@ def save_numbered(folder: str, name: str, what: str, write, *, overwrite: bool) 
     are removed from ``folder`` and the target's sub-folder first.
     """
     target = safe_target(folder, name, what)
+    try:
+        return _save_numbered(folder, target, name, what, write, overwrite=overwrite)
+    except (IsADirectoryError, NotADirectoryError) as error:  # a folder or file in the way
+        raise type(error)(error.errno, f"{what}: {error.strerror}", error.filename) from None
+
+
+def _save_numbered(folder: str, target: str, name: str, what: str, write, *, overwrite: bool) -> str:
+    sc.check_folder_path(os.path.dirname(target))
     for place in {folder, os.path.dirname(target)}:
-        sc.clean_temp_files(place)
+        if os.path.isdir(place):
+            sc.clean_temp_files(place)
     if overwrite:
         _check_name_length(target, name, what)
         write(target, overwrite=True)

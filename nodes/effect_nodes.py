@@ -116,8 +116,17 @@ class MeasureAtomEffects(io.ComfyNode):
                              f"{len(samples)} calibration images: give one, or one per image")
         calibration = effects.Calibration(samples, list(conds), noise_levels=noise_levels,
                                           seed=seed, batch_size=batch_size)
-        measured = effects.measure(model, sparse_atoms, calibration, exact_top=exact_top,
-                                   progress=progress.measuring)
+        try:
+            measured = effects.measure(model, sparse_atoms, calibration, exact_top=exact_top,
+                                       progress=progress.measuring)
+        except sc.NonFiniteOutput as error:
+            peak = float(samples.abs().max()) if samples.numel() else 0.0
+            given = "sampled from the model" if sampled else "given"
+            raise ValueError(
+                f"{NODE}: the model's prediction on calibration_latents is NaN or inf (batch "
+                f"{error.batch}); the calibration latents ({given}, largest |value| {peak:.3g}) or "
+                "the atoms overflow the model: check calibration_latents, or the atoms' strength"
+            ) from None
         if sampled:
             measured.info.effects["calibration"] += f" (sampled from the model with its atoms, seed {seed})"
 

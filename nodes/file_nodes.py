@@ -199,7 +199,11 @@ def atomize_for_model(model, state: dict, name: str) -> tuple[sc.SparseAtoms, li
         shown = "; ".join(dropped[:5]) + (f"; and {len(dropped) - 5} more" if len(dropped) > 5 else "")
         raise ValueError(f"{_FROM_LORA}: LoRA {name!r} fits none of this {architecture} model's "
                          f"layers (is it for another model?): {shown}")
-    atoms = sc.atomize(deltas, info=sc.AtomsInfo(architecture=architecture, dictionary_method=f"lora:{name}"))
+    try:
+        atoms = sc.atomize(deltas, info=sc.AtomsInfo(architecture=architecture,
+                                                     dictionary_method=f"lora:{name}"))
+    except ValueError as error:
+        raise ValueError(f"{_FROM_LORA}: LoRA {name!r}: {error}") from None
     return atoms, dropped
 
 
@@ -239,6 +243,8 @@ def _layer_delta(patch, shape, weight_key, key, name):
         if up.shape[0] != shape[0] or up.numel() != shape[0] * rank or down[0].numel() != math.prod(shape[1:]):
             return None
         scale = (alpha / rank) if alpha is not None else 1.0
+        if scale == 0:
+            raise ValueError(f"{where}: alpha is 0, so its update is zero; nothing to atomize")
         up = up.float().reshape(shape[0], rank) * scale
         down = down.float().reshape(rank, -1)
         if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):

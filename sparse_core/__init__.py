@@ -13,13 +13,13 @@ from ._atoms import AtomLayer, AtomRanking, AtomsInfo, SparseAtoms
 from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
 from ._training import (TrainConfig, TrainingResult, budget_schedule, sparse_step_, train_atoms,
                         trainable_parameters)
-from ._atomic_write import clean_temp_files, write_atomic
+from ._atomic_write import check_folder_path, clean_temp_files, write_atomic
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
                      load_atoms, save_atoms, tensor_name)
 from ._heatmap import importance_heatmap, importance_table
 from ._modules import apply_atoms, linear_weights, patched_weights
 from ._lora import LORA_FORMATS, LowRankDelta, atomize, atomize_lora, lora_deltas, to_lora
-from ._effects import EFFECT_METHODS, ablation_effects, measure_effects
+from ._effects import EFFECT_METHODS, NonFiniteOutput, ablation_effects, measure_effects
 
 __all__ = [
     "omp", "omp_gram", "lasso", "lasso_gram", "lasso_objective",
@@ -30,9 +30,9 @@ __all__ = [
     "TrainConfig", "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms",
     "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
-    "clean_temp_files", "load_atoms", "save_atoms", "tensor_name", "write_atomic",
+    "check_folder_path", "clean_temp_files", "load_atoms", "save_atoms", "tensor_name", "write_atomic",
     "importance_heatmap", "importance_table",
     "apply_atoms", "linear_weights", "patched_weights",
     "LORA_FORMATS", "LowRankDelta", "atomize", "atomize_lora", "lora_deltas", "to_lora",
-    "EFFECT_METHODS", "ablation_effects", "measure_effects",
+    "EFFECT_METHODS", "NonFiniteOutput", "ablation_effects", "measure_effects",
 ]

@@ -29,10 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Mapping
 
+import numpy as np
 import torch
+
+from ._checks import check_int
 
 __all__ = ["AtomLayer", "AtomsInfo", "AtomRanking", "SparseAtoms"]
 
@@ -76,6 +80,11 @@ class AtomLayer:
         for name in ("atoms", "readouts", "coefficients"):
             if not getattr(self, name).is_floating_point():
                 raise TypeError(f"{name} must be floating point, got {getattr(self, name).dtype}")
+        for name in ("atoms", "readouts", "coefficients"):
+            value = getattr(self, name).detach()
+            if value.numel() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} contains NaN or inf "
+                                 f"({int((~torch.isfinite(value)).sum())} entries)")
         if self.index.dtype != torch.int64:
             raise TypeError(f"index must be int64, got {self.index.dtype}")
         if self.effect is not None:
@@ -84,6 +93,9 @@ class AtomLayer:
                                 f"{getattr(self.effect, 'dtype', type(self.effect).__name__)}")
             if tuple(self.effect.shape) != (m,):
                 raise ValueError(f"effect must have shape ({m},), got {tuple(self.effect.shape)}")
+            effect = self.effect.detach()
+            if effect.numel() and not bool((torch.isfinite(effect) & (effect >= 0)).all()):
+                raise ValueError("effect must be finite and >= 0")
 
     @property
     def out_features(self) -> int:
@@ -117,9 +129,12 @@ class AtomLayer:
         return (up @ down).reshape(self.weight_shape)  # (out, in') -> weight_shape
 
     def importance(self) -> torch.Tensor:
-        """The measured effect ``(m,)`` when there is one, else :meth:`weight_norm`."""
+        """The measured effect ``(m,)`` when there is one, else :meth:`weight_norm`. An atom whose
+        coefficient is 0 changes nothing, so its importance is 0 whatever effect is stored for it
+        (a file may carry effects measured before pruning)."""
         if self.effect is not None:
-            return self.effect.detach().to(_compute_dtype(self.atoms))
+            effect = self.effect.detach().to(_compute_dtype(self.atoms))
+            return torch.where(self.coefficients.detach().to(effect.device) != 0, effect, 0.0)
         return self.weight_norm()
 
     def weight_norm(self) -> torch.Tensor:
@@ -311,8 +326,7 @@ class SparseAtoms:
                    scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Masks keeping the ``k`` most important atoms of the model (or of each layer); by
         ``scores`` instead of the importance when given (see :meth:`ranking`)."""
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
+        k = check_int("k", k)
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         if per_layer:
@@ -336,8 +350,9 @@ class SparseAtoms:
     def density_mask(self, density: float, *, per_layer: bool = False) -> dict[str, torch.Tensor]:
         """Masks keeping the top ``ceil(density * N)`` atoms by importance, ``N`` counted over the
         model (or per layer)."""
-        if isinstance(density, bool) or not isinstance(density, (int, float)):
+        if isinstance(density, (bool, np.bool_)) or not isinstance(density, numbers.Real):
             raise TypeError(f"density must be a number in [0, 1], got {type(density).__name__}")
+        density = float(density)
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density}")
         if per_layer:

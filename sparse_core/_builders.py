@@ -16,12 +16,13 @@ is exactly zero. Signs are fixed (each atom's largest entry positive) so results
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Mapping
+from collections.abc import Mapping
+from typing import Callable
 
 import torch
 
 from ._atoms import AtomLayer, AtomsInfo, SparseAtoms
-from ._checks import check_finite, check_positive_int
+from ._checks import check_finite, check_int, check_positive_int
 from ._dictionary import learn_dictionary
 
 __all__ = ["DICTIONARY_METHODS", "build_layer", "build_atoms"]
@@ -42,6 +43,9 @@ def build_layer(weight: torch.Tensor, n_atoms: int, method: str = "svd", *, seed
             f"weight must be a floating-point matrix or conv kernel (ndim >= 2), got shape "
             f"{tuple(weight.shape)} and dtype {weight.dtype}"
         )
+    if weight.numel() == 0:
+        raise ValueError(f"weight is empty (shape {tuple(weight.shape)}): no directions to build "
+                         "atoms from")
     check_positive_int("n_atoms", n_atoms)
     if method not in DICTIONARY_METHODS:
         raise ValueError(f"method must be one of {DICTIONARY_METHODS}, got {method!r}")
@@ -73,17 +77,24 @@ def build_atoms(weights: Mapping[str, torch.Tensor], n_atoms: int, method: str =
     With ``fit_to_layer``, ``svd`` dictionaries of layers smaller than ``n_atoms`` get
     ``min(out, in')`` atoms instead of an error. ``progress(done, total, key)`` is called after
     each layer."""
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"weights must be a mapping {{layer key: weight tensor}}, got "
+                        f"{type(weights).__name__}")
     if not weights:
         raise ValueError("weights is empty: no layer to build a dictionary for")
+    n_atoms, seed = check_positive_int("n_atoms", n_atoms), check_int("seed", seed)
     layers = {}
     for done, (key, weight) in enumerate(weights.items(), start=1):
+        if not isinstance(key, str):
+            raise TypeError(f"layer keys must be strings (module paths), got {type(key).__name__} "
+                            f"{key!r}")
         count = n_atoms
-        if fit_to_layer and method == "svd" and weight.ndim >= 2:
-            count = min(n_atoms, weight.shape[0], weight[0].numel())
+        if fit_to_layer and method == "svd" and isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+            count = max(1, min(n_atoms, weight.shape[0], weight[0].numel()))
         try:
             layers[key] = build_layer(weight, count, method, seed=layer_seed(seed, key))
-        except ValueError as error:
-            raise ValueError(f"layer {key!r}: {error}") from error
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {key!r}: {error}") from error
         if progress is not None:
             progress(done, len(weights), key)
     info = info if info is not None else AtomsInfo()

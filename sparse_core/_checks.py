@@ -17,8 +17,10 @@ bit. Codes that do not fit the output dtype are refused (:func:`unscale_codes`).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,9 +74,20 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     return unique.pop()
 
 
+def check_int(name: str, value) -> int:
+    """An integer (Python or numpy, not bool) as an ``int``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {_shown(value)}")
+    return int(value)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_positive_int(name: str, value, *, upper: int | None = None, upper_name: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = check_int(name, value)
     if value < 1:
         raise ValueError(f"{name} must be positive, got {value}")
     if upper is not None and value > upper:
@@ -83,8 +96,8 @@ def check_positive_int(name: str, value, *, upper: int | None = None, upper_name
 
 
 def check_nonnegative_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {_shown(value)}")
     value = float(value)
     if not value >= 0.0 or value == float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")

@@ -40,7 +40,16 @@ import torch
 from ._atoms import SparseAtoms, _compute_dtype
 from ._checks import check_positive_int
 
-__all__ = ["EFFECT_METHODS", "measure_effects", "ablation_effects"]
+__all__ = ["EFFECT_METHODS", "measure_effects", "ablation_effects", "NonFiniteOutput"]
+
+
+class NonFiniteOutput(ValueError):
+    """``predict`` returned NaN or inf (``batch`` names the call): the inputs it renders or the
+    atoms overflow the model; front ends name the input that feeds it."""
+
+    def __init__(self, batch: int):
+        super().__init__(f"predict({batch}) returned NaN or inf")
+        self.batch = batch
 
 EFFECT_METHODS = ("auto", "jacobian", "taylor", "fisher", "exact")
 _AUTO = "jacobian"
@@ -176,7 +185,7 @@ def _call(predict, batch: int, shape=None) -> torch.Tensor:
         raise ValueError(f"predict({batch}) returned shape {tuple(output.shape)}, earlier {shape}: "
                          "each batch must have the same inputs on every call")
     if not bool(torch.isfinite(output.detach()).all()):
-        raise ValueError(f"predict({batch}) returned NaN or inf")
+        raise NonFiniteOutput(batch)
     return output
 
 

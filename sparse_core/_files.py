@@ -357,11 +357,9 @@ def _build(layout: _Layout, body) -> SparseAtoms:
             layer = AtomLayer(**fields, weight_shape=tuple(shape), effect=effect)
         except (TypeError, ValueError) as error:
             raise _Invalid(f"layer {_show(key)}: {error}") from None
-        for field in ("atoms", "readouts", "coefficients"):
-            if not bool(torch.isfinite(fields[field]).all()):
-                raise _Invalid(f"layer {_show(key)}: {field} contains NaN or inf")
-        if effect is not None and not bool((torch.isfinite(effect) & (effect >= 0)).all()):
-            raise _Invalid(f"layer {_show(key)}: effect must be finite and >= 0")
+        if effect is not None and not bool(torch.isfinite(effect.float()).all()):
+            raise _Invalid(f"layer {_show(key)}: effect does not fit float32 (the largest is "
+                           f"{float(effect.max()):.3g}; effects are held in float32)")
         index = fields["index"]
         if index.numel() and (int(index.min()) < 0 or index.unique().numel() != index.numel()):
             raise _Invalid(f"layer {_show(key)}: index must hold distinct non-negative atom ids")

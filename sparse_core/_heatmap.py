@@ -58,7 +58,7 @@ def importance_table(atoms: SparseAtoms, kept: dict[str, set[int]] | None = None
         ranked = values[order].tolist()
         positive += [v for v in ranked if v > 0]
         effect = ([None] * len(ids) if layer.effect is None
-                  else layer.effect.detach().double().cpu()[order].tolist())
+                  else layer.importance().detach().double().cpu()[order].tolist())
         keep = kept.get(key) if kept is not None else None
         rows.append({
             "key": key, "label": f"L{number}", "name": short_layer_name(key), "group": _group(key),
@@ -96,15 +96,26 @@ def describe_effects(effects: dict) -> str:
     ``"jacobian probes + exact ablation of top 16"``, calibration, metric, seconds)."""
     if not effects:
         return "how these effects were measured is not recorded"
-    parts = [str(effects.get("method") or "measured")]
+    parts = [_short(effects.get("method") or "measured")]
     if effects.get("calibration"):
-        parts.append(f"on {effects['calibration']}")
+        parts.append(f"on {_short(effects['calibration'])}")
     if effects.get("metric"):
-        parts.append(f"({effects['metric']})")
+        parts.append(f"({_short(effects['metric'])})")
     seconds = effects.get("seconds")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds):
         parts.append(f"in {seconds:.3g} s")
     return " ".join(parts)
+
+
+_DESCRIPTION_LIMIT = 200  # characters of one field a description shows (a file may hold any)
+
+
+def _short(value) -> str:
+    """``str(value)``, cut to :data:`_DESCRIPTION_LIMIT` characters with an ellipsis."""
+    text = str(value)
+    if len(text) <= _DESCRIPTION_LIMIT:
+        return text
+    return text[:_DESCRIPTION_LIMIT - 1] + f"… ({len(text)} characters)"
 
 
 def colours(values: torch.Tensor, low: float, high: float) -> torch.Tensor:

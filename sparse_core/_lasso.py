@@ -162,6 +162,10 @@ def lasso_gram(
     norms_c = times_power_of_two(norms_squared.to(dtype), -2 * scale.signals)
     alpha = scaled_float(alpha, -scale.products)
     codes = torch.zeros(n, m, dtype=dtype, device=Xy.device)
+    if alpha >= float(Xy_c.abs().amax()):
+        # a = 0 is optimal once alpha >= max_j |Xy_j| (no atom's correlation passes alpha); so
+        # also for an alpha too large for the compute dtype, which is never used in arithmetic.
+        return codes.to(Xy.dtype)
     if init is not None:
         codes.copy_(times_power_of_two(init.to(dtype), scale.atoms - scale.signals))
     chunk = min(n, chunk_size or max(64, min(4096, _CHUNK_BYTES // (4 * m * 4))))

@@ -177,7 +177,11 @@ def atomize(deltas: Mapping[str, LowRankDelta | torch.Tensor], *, rtol: float = 
             raise TypeError(f"delta for {key!r} must be a LowRankDelta or a weight-shaped tensor")
         if U.shape[0] != shape[0] or Vh.shape[1] != math.prod(shape[1:]):
             raise ValueError(f"delta for {key!r} does not match weight shape {shape}")
-        keep = sigma > rtol * (float(sigma.max()) if sigma.numel() else 0.0)
+        largest = float(sigma.max()) if sigma.numel() else 0.0
+        if largest > _FLOAT32_MAX:
+            raise ValueError(f"delta for {key!r} is too large for float32 atoms (its largest "
+                             f"singular value is {largest:.3g}); the LoRA's factors are out of range")
+        keep = sigma > rtol * largest
         U, sigma, Vh = U[:, keep], sigma[keep], Vh[keep]
         layers[key] = AtomLayer(
             atoms=U.T.float().contiguous(), readouts=Vh.float().contiguous(),
@@ -185,6 +189,9 @@ def atomize(deltas: Mapping[str, LowRankDelta | torch.Tensor], *, rtol: float = 
         )
     if not layers:
         raise ValueError("no layer to atomize: the LoRA has no lora_up/lora_down or diff tensors")
+    if not any(layer.n_atoms for layer in layers.values()):
+        raise ValueError(f"every update is zero ({len(layers)} layers; an alpha of 0?): the LoRA "
+                         "changes nothing, so there are no atoms")
     info = info if info is not None else AtomsInfo(dictionary_method="lora")
     return SparseAtoms(layers, info)
 
@@ -193,6 +200,9 @@ def atomize_lora(state_dict: Mapping[str, torch.Tensor], **kwargs) -> SparseAtom
     """:func:`atomize` of :func:`lora_deltas`."""
     shapes = kwargs.pop("weight_shapes", None)
     return atomize(lora_deltas(state_dict, shapes), **kwargs)
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _check_lora_tensor(name, tensor) -> None:

@@ -361,9 +361,12 @@ class _Guard:
             return f"the loss became {value}", _LOWER_LR
         if self.reference:
             start = statistics.median(self.reference)
-            if start > 0 and value > LOSS_LIMIT * start:
-                return (f"the loss exploded to {value:.4g} (over {LOSS_LIMIT:g}x the starting "
-                        f"loss {start:.4g})", _LOWER_LR)
+            # The loss's own scale: the starting loss, or (a loss that starts at or below 0) the
+            # spread of the first steps, or 1 when those are all 0.
+            scale = max(abs(start), max(self.reference) - min(self.reference)) or 1.0
+            if value - start > LOSS_LIMIT * scale:
+                return (f"the loss exploded to {value:.4g} (the starting loss {start:.4g}; the "
+                        f"limit is {LOSS_LIMIT:g}x its scale {scale:.4g} above it)", _LOWER_LR)
         return None
 
     def verified(self, step: int, value: float) -> None:

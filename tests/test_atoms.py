@@ -131,6 +131,19 @@ def test_full_density_reproduces_delta_and_zero_density_removes_it():
     (lambda a: sc.build_atoms({}, 2), ValueError, "weights is empty"),
     (lambda a: sc.AtomLayer(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2),
                             torch.arange(2), (3, 5)), ValueError, r"readouts must have shape \(2, 5\)"),
+    (lambda a: sc.build_atoms({"w": torch.zeros(0, 5)}, 2), ValueError,
+     r"layer 'w': weight is empty \(shape \(0, 5\)\)"),
+    (lambda a: sc.build_atoms({"w": torch.zeros(5, 0)}, 2, fit_to_layer=True), ValueError,
+     r"layer 'w': weight is empty"),
+    (lambda a: sc.build_atoms([torch.randn(4, 4)], 2), TypeError, "weights must be a mapping .* got list"),
+    (lambda a: sc.build_atoms({3: torch.randn(4, 4)}, 2), TypeError, "layer keys must be strings .* int 3"),
+    (lambda a: sc.build_atoms({"w": [[1.0, 2.0]]}, 2), TypeError, "layer 'w': weight must be a torch.Tensor"),
+    (lambda a: sc.AtomLayer(torch.zeros(1, 3), torch.zeros(1, 5), torch.tensor([float("nan")]),
+                            torch.arange(1), (3, 5)), ValueError, "coefficients contains NaN or inf"),
+    (lambda a: sc.AtomLayer(torch.full((1, 3), float("inf")), torch.zeros(1, 5), torch.zeros(1),
+                            torch.arange(1), (3, 5)), ValueError, "atoms contains NaN or inf"),
+    (lambda a: sc.AtomLayer(torch.zeros(1, 3), torch.zeros(1, 5), torch.zeros(1), torch.arange(1),
+                            (3, 5), effect=torch.tensor([-1.0])), ValueError, "effect must be finite and >= 0"),
 ])
 def test_bad_input_is_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
@@ -269,3 +282,10 @@ def test_svd_of_a_large_layer_finds_the_top_directions():
     overlap = (layer.atoms @ U[:, :16]).abs().diagonal()
     assert bool((overlap > 0.999).all()), overlap.min()
     assert torch.allclose(layer.atoms @ layer.atoms.T, torch.eye(16), atol=1e-4)
+
+
+def test_numpy_integers_are_accepted_as_counts():
+    import numpy as np
+    atoms = sc.build_atoms({"w": torch.randn(8, 6)}, np.int64(3), seed=np.int32(1))
+    assert atoms["w"].n_atoms == 3
+    assert atoms.top_k(np.int64(2)).n_atoms == 2

@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 import sparse_core as sc
+from sparse_core._atomic_write import host_tag, temp_name
 from sparse_core._files import split_tensor_name
+
+from repo_support import REPO
 
 
 def sample_atoms():
@@ -98,6 +101,27 @@ def test_version_1_files_still_load_and_rank_by_weight_norm(tmp_path):
         sc.atoms_from_bytes(forged)
 
 
+def test_effects_stored_on_pruned_atoms_never_rank_them_first(tmp_path):
+    """A file whose zero-coefficient atoms carry the largest stored effects (measured before
+    pruning): top-k, density and the table rank the live atoms first."""
+    atoms = with_effects(sample_atoms())
+    for layer in atoms.layers.values():
+        dead = torch.arange(layer.n_atoms) % 2 == 0
+        layer.coefficients[dead] = 0.0
+        layer.effect = torch.where(dead, 100.0, layer.effect)
+    sc.save_atoms(atoms, tmp_path / "pruned.safetensors")
+    loaded = sc.load_atoms(tmp_path / "pruned.safetensors")
+    live = loaded.n_active
+    for kept in (loaded.top_k(3), loaded.density(3 / loaded.n_atoms), loaded.top_k(live)):
+        assert kept.n_active == kept.n_atoms  # only live atoms kept
+    assert loaded.top_k(live).n_active == live
+    table = sc.importance_table(loaded)
+    for row, layer in zip(table["layers"], loaded.layers.values()):
+        live_ids = set(layer.index[layer.coefficients != 0].tolist())
+        assert set(row["atoms"][:len(live_ids)]) == live_ids
+        assert all(e == 0.0 for e in row["effect"][len(live_ids):])
+
+
 def test_half_precision_and_empty_layers_round_trip(tmp_path):
     atoms = sample_atoms().to(dtype=torch.float16)
     atoms = atoms.select({"diffusion_model.blocks.0.attn.to_k": torch.zeros(4, dtype=torch.bool)})
@@ -164,6 +188,8 @@ BAD_FILES = [
      "effect must be finite and >= 0"),
     ("NaN effect", lambda a: rewrite(with_effects(a), tensors={f"{KEY}:effect": torch.full((4,), float("nan"))}),
      "effect must be finite and >= 0"),
+    ("effect beyond float32", lambda a: rewrite(with_effects(a), tensors={
+        f"{KEY}:effect": torch.full((4,), 1e300, dtype=torch.float64)}), "effect does not fit float32"),
     ("effect of part of a layer", lambda a: rewrite(with_effects(a), tensors={f"{KEY}:effect": torch.ones(3)}),
      r"effect must have shape \(4,\)"),
     ("int effect", lambda a: rewrite(with_effects(a), tensors={f"{KEY}:effect": torch.ones(4, dtype=torch.int32)}),
@@ -304,35 +330,90 @@ def test_kill_9_during_a_save_leaves_a_temp_file_that_cleaning_removes(tmp_path)
     _, status = os.waitpid(child, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     leftovers = [p for p in tmp_path.iterdir()]
-    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".sparse-atoms-{child}-")
+    assert len(leftovers) == 1 and leftovers[0].name.startswith(f".sparse-atoms-{host_tag()}-{child}-")
     assert not target.exists()
     assert sc.clean_temp_files(tmp_path) == [str(leftovers[0])]
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cleaning_removes_only_temp_files_of_writers_that_are_gone(tmp_path):
-    def temp(pid, age_s=0.0):
-        path = tmp_path / f".sparse-atoms-{pid}-{os.urandom(8).hex()}.tmp"
+    def temp(pid, age_s=0.0, host=None, name=None):
+        path = tmp_path / (name or temp_name(pid, host))
         path.write_bytes(b"partial")
         if age_s:
             os.utime(path, (path.stat().st_mtime - age_s,) * 2)
         return path
 
+    ours, day = host_tag(), 24 * 3600
+    other_host = format(int(ours[:8], 16) ^ 1, "08x") + ours[8:]
+    other_namespace = ours[:8] + format(int(ours[8:], 16) ^ 1, "08x")
     dead = temp(dead_pid())
     ours_not_writing = temp(os.getpid())  # a previous process with our pid (a restarted container)
-    old_but_alive = temp(os.getppid(), age_s=2 * 24 * 3600)
+    old_but_alive = temp(os.getppid(), age_s=2 * day)
     alive = temp(os.getppid())
+    # another host or container sharing the folder: its pids mean nothing here
+    other_host_fresh = temp(dead_pid(), host=other_host)
+    other_host_old = temp(dead_pid(), host=other_host, age_s=30 * day)
+    other_namespace_fresh = temp(dead_pid(), host=other_namespace)
+    other_namespace_old = temp(dead_pid(), host=other_namespace, age_s=2 * day)
+    # the names of older versions (no host part): only age tells
+    unversioned_fresh = temp(0, name=f".sparse-atoms-{dead_pid()}-{os.urandom(8).hex()}.tmp")
+    unversioned_old = temp(0, age_s=2 * day, name=f".sparse-atoms-{dead_pid()}-{os.urandom(8).hex()}.tmp")
     others = [tmp_path / "concept.safetensors", tmp_path / ".concept.safetensors.tmp",
               tmp_path / ".sparse-atoms-12-nothex.tmp", tmp_path / "x.sparse-atoms-1-0123456789abcdef.tmp"]
     for path in others:
         path.write_bytes(b"not ours")
-    folder_named_like_one = tmp_path / f".sparse-atoms-{dead_pid()}-0123456789abcdef.tmp"
+    folder_named_like_one = tmp_path / temp_name(dead_pid())
     folder_named_like_one.mkdir()
     removed = sc.clean_temp_files(tmp_path)
-    assert sorted(removed) == sorted(str(p) for p in (dead, ours_not_writing, old_but_alive))
-    assert alive.exists() and folder_named_like_one.is_dir()
+    assert sorted(removed) == sorted(str(p) for p in (dead, ours_not_writing, old_but_alive,
+                                                      other_namespace_old, unversioned_old))
+    for kept in (alive, other_host_fresh, other_host_old, other_namespace_fresh, unversioned_fresh):
+        assert kept.read_bytes() == b"partial"
+    assert folder_named_like_one.is_dir()
     assert all(path.read_bytes() == b"not ours" for path in others)
     assert sc.clean_temp_files(tmp_path / "missing") == []
+
+
+_FOREIGN_WRITER = """
+import sys, sparse_core._atomic_write as aw
+aw.host_tag = lambda: sys.argv[2]  # a writer in another container sharing the folder
+for i in range(int(sys.argv[3])):
+    aw.write_atomic(f"{sys.argv[1]}/foreign_{i:03d}.bin", b"x" * 200_000)
+"""
+
+
+def test_a_writer_on_another_host_never_loses_a_save_to_our_cleaning(tmp_path):
+    """Its temporary files carry a pid of its own process table, which may be dead here: the
+    cleaner must leave them alone while it writes (two writers, one folder, saves interleaved)."""
+    import subprocess
+    import sys
+    foreign = format(int(host_tag()[:8], 16) ^ 0xFFFF, "08x") + "00000000"
+    writer = subprocess.Popen([sys.executable, "-c", _FOREIGN_WRITER, str(tmp_path), foreign, "150"],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True)
+    ours = 0
+    while writer.poll() is None:
+        sc.clean_temp_files(tmp_path)
+        sc.write_atomic(tmp_path / f"ours_{ours:04d}.bin", b"y" * 1000)
+        ours += 1
+    assert writer.returncode == 0, writer.stderr.read()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([f"foreign_{i:03d}.bin" for i in range(150)] +
+                           [f"ours_{i:04d}.bin" for i in range(ours)])
+
+
+def test_writing_onto_a_folder_or_under_a_file_names_the_problem(tmp_path):
+    (tmp_path / "isdir.safetensors").mkdir()
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match="a folder has this name") as caught:
+            sc.write_atomic(tmp_path / "isdir.safetensors", b"data", overwrite=overwrite)
+        assert caught.value.filename == str(tmp_path / "isdir.safetensors")
+        assert ".tmp" not in str(caught.value)
+    (tmp_path / "plain").write_bytes(b"a file")
+    with pytest.raises(NotADirectoryError, match=r"plain is a file, not a folder"):
+        sc.write_atomic(tmp_path / "plain" / "sub" / "x.safetensors", b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["isdir.safetensors", "plain"]
+    assert (tmp_path / "plain").read_bytes() == b"a file"
 
 
 # -- reading: regular files only, header before body, no bytes echoed --------------------------

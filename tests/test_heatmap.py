@@ -137,3 +137,9 @@ def test_mask_errors_say_what_is_wrong(text, message):
     masks = load_masks_module()
     with pytest.raises(masks.MaskError, match=message.replace("(", r"\(").replace(")", r"\)")):
         masks.parse_mask(text, atoms_with())
+
+
+def test_a_huge_method_string_is_cut_for_the_ui():
+    text = describe_effects({"method": "x" * (8 << 20), "calibration": "y" * 1000})
+    assert len(text) < 600
+    assert f"({8 << 20} characters)" in text and "(1000 characters)" in text

@@ -48,6 +48,18 @@ def test_alpha_above_every_correlation_gives_zero_codes():
     assert torch.count_nonzero(sc.lasso(data.signals, data.atoms, alpha)) == 0
 
 
+@pytest.mark.parametrize("alpha", [1e300, float(torch.finfo(torch.float64).max)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_alpha_beyond_the_dtype_gives_zero_codes_not_an_overflow(alpha, dtype):
+    data = sc.sparse_coded_signals(20, 32, 16, 3, seed=9)
+    codes = sc.lasso(data.signals.to(dtype), data.atoms.to(dtype), alpha)
+    assert codes.dtype == dtype and torch.count_nonzero(codes) == 0
+    gram, Xy = data.atoms @ data.atoms.T, data.signals @ data.atoms.T
+    codes = sc.lasso_gram(gram.to(dtype), Xy.to(dtype), alpha,
+                          norms_squared=data.signals.pow(2).sum(1).to(dtype))
+    assert torch.count_nonzero(codes) == 0
+
+
 def test_warm_start_and_gram_entry_point_agree():
     data = sc.sparse_coded_signals(80, 64, 32, 4, noise=0.05, seed=10, dtype=torch.float64)
     X, D, alpha = data.signals, data.atoms, 0.05

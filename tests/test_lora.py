@@ -85,6 +85,12 @@ UP, DOWN = "m.lora_up.weight", "m.lora_down.weight"
     ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": torch.tensor([1.0, 2.0])}, ValueError,
      r"'m.alpha' must hold one number, got shape \(2,\)"),
     ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": 4.0}, TypeError, "'m.alpha' must be a torch.Tensor"),
+    # finite factors whose product overflows float32: refused here, not at the first save
+    ({UP: torch.full((4, 2), 1e20), DOWN: torch.full((2, 3), 1e20)}, ValueError,
+     r"delta for 'm' is too large for float32 atoms \(its largest singular value is 6\.93e\+40\)"),
+    ({UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "m.alpha": torch.tensor(0.0)}, ValueError,
+     r"every update is zero \(1 layers; an alpha of 0\?\)"),
+    ({UP: torch.zeros(4, 2), DOWN: torch.ones(2, 3)}, ValueError, "every update is zero"),
 ])
 def test_bad_loras_are_clear_errors(state, error, match):
     with pytest.raises(error, match=match):
@@ -120,3 +126,11 @@ def test_export_refuses_nan_and_values_the_dtype_cannot_hold():
         sc.to_lora(atoms, dtype=torch.float16)
     with pytest.raises(TypeError, match="atoms must be SparseAtoms"):
         sc.to_lora({"diffusion_model.x.proj": atoms["diffusion_model.x.proj"]})
+
+
+def test_a_lora_with_one_zero_layer_keeps_the_others():
+    state = {UP: torch.ones(4, 2), DOWN: torch.ones(2, 3), "n.lora_up.weight": torch.ones(4, 2),
+             "n.lora_down.weight": torch.ones(2, 3), "n.alpha": torch.tensor(0.0)}
+    atoms = sc.atomize_lora(state)
+    assert atoms["m"].n_atoms == 1 and atoms["n"].n_atoms == 0
+    assert bool(torch.isfinite(atoms["m"].coefficients).all())

@@ -64,6 +64,29 @@ def test_finite_loss_explosion_stops_and_keeps_the_step_before():
     assert result.final_loss == pytest.approx(float(loss(0)), rel=1e-6)
 
 
+@pytest.mark.parametrize("offset", [0.0, -0.75, -10.0])
+def test_a_loss_that_starts_at_or_below_zero_is_still_guarded(offset):
+    """The loss starts at 0 or below (a shifted objective); then jumps to 1e30 at step 9."""
+    atoms, loss = fitting_problem()
+    start = float(loss(0))
+
+    def shifted(step):
+        value = loss(step) - start + offset  # exactly `offset` at the start
+        return value + 1e30 if step >= 8 else value
+
+    result = sc.train_atoms(atoms, shifted, steps=30, lr=0.05)
+    assert result.stopped is not None and "step 9: the loss exploded to 1e+30" in result.stopped
+    assert result.steps_done <= 8 and math.isfinite(result.final_loss)
+
+
+@pytest.mark.parametrize("offset", [0.0, -0.75])
+def test_a_loss_at_or_below_zero_that_only_improves_runs_to_the_end(offset):
+    atoms, loss = fitting_problem()
+    start = float(loss(0))
+    result = sc.train_atoms(atoms, lambda step: loss(step) - start + offset, steps=30, lr=0.05)
+    assert result.stopped is None and result.steps_done == 30
+
+
 @pytest.mark.parametrize("lr, how", [(1.0, "in one step by"), (0.3, "x in total (limit")])
 def test_runaway_atom_scale_stops_before_the_coefficients_explode(lr, how):
     """Tuning unit-norm atoms with a learning rate too large for them: each step grows their

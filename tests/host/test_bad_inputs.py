@@ -17,7 +17,8 @@ import nodes as comfy_nodes
 
 import sparse_core as sc
 import tiny_models
-from conftest import run_node
+from sparse_core._atomic_write import temp_name
+from host_support import run_node
 from test_nodes import build, train
 
 NAN, INF = float("nan"), float("inf")
@@ -119,9 +120,8 @@ def test_savers_remove_temp_files_left_by_killed_writers(node_classes, sd15):
     _, _, trained = sd15
     dead = subprocess.Popen(["true"])
     dead.wait()  # a writer that was killed mid-write: its pid is gone
-    leftovers = [atoms_folder(f".sparse-atoms-{dead.pid}-0123456789abcdef.tmp"),
-                 atoms_folder("temp", f".sparse-atoms-{dead.pid}-fedcba9876543210.tmp"),
-                 loras_folder(f".sparse-atoms-{dead.pid}-00112233445566ff.tmp")]
+    leftovers = [atoms_folder(temp_name(dead.pid)), atoms_folder("temp", temp_name(dead.pid)),
+                 loras_folder(temp_name(dead.pid))]
     for path in leftovers:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as stream:
@@ -163,6 +163,45 @@ def test_long_names_save_or_are_refused_before_writing(node_classes, sd15):
     with pytest.raises(ValueError, match=r"Save Sparse Atoms: file name .* is too long: .* at most 255"):
         run_node(save, sparse_atoms=trained, filename="long/" + "b" * 240)
     assert os.listdir(atoms_folder("long")) == ["a" * 230 + "_00001.safetensors"]
+
+
+@pytest.mark.parametrize("filename, problem", [
+    ("bad\x00name", r"control character '\\x00'"),
+    ("two\nlines", r"control character '\\n'"),
+    ("tab\tname", r"control character '\\t'"),
+    ("cr\rname", r"control character '\\r'"),
+    ("raw\udcffbyte", "not valid Unicode"),
+    ("sub/ /name", "begins or ends with a space"),
+    ("sub /name", "begins or ends with a space"),
+])
+def test_names_a_file_system_would_mangle_are_refused_before_writing(node_classes, sd15, filename, problem):
+    _, _, trained = sd15
+    before = sorted(os.listdir(atoms_folder())) if os.path.isdir(atoms_folder()) else []
+    for node, what in (("SparseAtoms_Save", "Save Sparse Atoms"), ("SparseAtoms_ToLoRA", "Sparse Atoms to LoRA")):
+        extra = {"format": "lora", "dtype": "fp32"} if node == "SparseAtoms_ToLoRA" else {}
+        for overwrite in (False, True):
+            with pytest.raises(ValueError, match=f"{what}: file name .*{problem}"):
+                run_node(node_classes[node], sparse_atoms=trained, filename=filename,
+                         overwrite=overwrite, **extra)
+    assert (sorted(os.listdir(atoms_folder())) if os.path.isdir(atoms_folder()) else []) == before
+
+
+def test_saving_onto_a_folder_or_under_a_file_names_the_target(node_classes, sd15):
+    _, _, trained = sd15
+    save = node_classes["SparseAtoms_Save"]
+    os.makedirs(atoms_folder("isdir.safetensors"), exist_ok=True)
+    with pytest.raises(IsADirectoryError, match="Save Sparse Atoms: a folder has this name") as caught:
+        run_node(save, sparse_atoms=trained, filename="isdir", overwrite=True)
+    assert caught.value.filename == atoms_folder("isdir.safetensors")
+    assert ".tmp" not in str(caught.value)
+    with open(atoms_folder("plainfile"), "wb") as stream:
+        stream.write(b"a user's file")
+    for overwrite in (False, True):
+        with pytest.raises(NotADirectoryError, match=r"Save Sparse Atoms: cannot create the folder "
+                                                     r".*plainfile is a file, not a folder"):
+            run_node(save, sparse_atoms=trained, filename="plainfile/concept", overwrite=overwrite)
+    assert open(atoms_folder("plainfile"), "rb").read() == b"a user's file"
+    assert os.listdir(atoms_folder("isdir.safetensors")) == []
 
 
 def test_two_cancels_in_one_second_keep_both_runs(node_classes, sd15, monkeypatch):
@@ -282,7 +321,7 @@ def test_a_lora_that_fits_nothing_is_refused_naming_file_and_model(node_classes,
             run_node(node_classes["SparseAtoms_FromLoRA"], model=model, lora_name=name)
 
 
-@pytest.mark.parametrize("case", ["nan_up", "nan_alpha", "rank_0"])
+@pytest.mark.parametrize("case", ["nan_up", "nan_alpha", "rank_0", "alpha_0", "huge"])
 def test_nan_and_rank_0_loras_are_clear_errors(node_classes, sd15, case):
     model, _, trained = sd15
     key = next(iter(trained))
@@ -292,13 +331,21 @@ def test_nan_and_rank_0_loras_are_clear_errors(node_classes, sd15, case):
         state[f"{key}.lora_up.weight"][0, 0] = NAN
     elif case == "nan_alpha":
         state[f"{key}.alpha"] = torch.tensor(NAN)
+    elif case == "alpha_0":
+        state[f"{key}.alpha"] = torch.tensor(0.0)
+    elif case == "huge":  # finite factors (1e20) whose product overflows float32
+        state[f"{key}.lora_up.weight"] = torch.full_like(state[f"{key}.lora_up.weight"], 1e20)
+        state[f"{key}.lora_down.weight"] = torch.full_like(state[f"{key}.lora_down.weight"], 1e20)
     else:
         state[f"{key}.lora_up.weight"] = state[f"{key}.lora_up.weight"][:, :0]
         state[f"{key}.lora_down.weight"] = state[f"{key}.lora_down.weight"][:0]
         state[f"{key}.alpha"] = torch.tensor(float(rank))
     name = write_lora(f"{case}.safetensors", state)
-    expected = "has rank 0" if case == "rank_0" else "contains NaN or inf"
-    with pytest.raises(ValueError, match=rf"^LoRA to Sparse Atoms: LoRA '{name}', module '{key}': {expected}"):
+    expected = {"rank_0": "has rank 0", "alpha_0": "alpha is 0, so its update is zero",
+                "huge": None}.get(case, "contains NaN or inf")
+    where = rf"^LoRA to Sparse Atoms: LoRA '{name}', module '{key}': {expected}" if expected else \
+        rf"^LoRA to Sparse Atoms: LoRA '{name}': delta for '{key}' is too large for float32 atoms"
+    with pytest.raises(ValueError, match=where):
         run_node(node_classes["SparseAtoms_FromLoRA"], model=model, lora_name=name)
 
 

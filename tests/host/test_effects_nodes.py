@@ -18,7 +18,7 @@ import folder_paths
 
 import sparse_core as sc
 import tiny_models
-from conftest import run_node
+from host_support import run_node
 
 API = pathlib.Path(__file__).parent / "workflows_api"
 
@@ -276,6 +276,10 @@ def test_bad_inputs_are_clear_errors(node_classes):
     nan = {"samples": torch.full((2, 4, 16, 16), float("nan"))}
     with pytest.raises(ValueError, match="Measure Atom Effects: calibration_latents contain NaN or inf"):
         measure(node_classes, sd15, atoms, "sd15", calibration_latents=nan)
+    huge = {"samples": torch.full((2, 4, 16, 16), 1e30)}  # finite, but the model overflows on it
+    with pytest.raises(ValueError, match=r"^Measure Atom Effects: the model's prediction on "
+                                         r"calibration_latents is NaN or inf .*largest \|value\| 1e\+30"):
+        measure(node_classes, sd15, atoms, "sd15", calibration_latents=huge)
 
 
 def test_node_schema_has_a_tooltip_and_bounds_on_every_input(server):

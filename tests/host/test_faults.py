@@ -14,9 +14,9 @@ import pytest
 
 import sparse_core as sc
 from comfy_server import ComfyServer
-from conftest import COMFYUI_PATH
+from host_support import COMFYUI_PATH
 
-TEMP = re.compile(r"\.sparse-atoms-\d+-[0-9a-f]{16}\.tmp")
+TEMP = re.compile(r"\.sparse-atoms-[0-9a-f]{16}-\d+-[0-9a-f]{16}\.tmp")
 
 
 class Messages:
