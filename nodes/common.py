@@ -47,9 +47,11 @@ def safe_target(folder: str, name: str, what: str) -> str:
     if control is not None:
         raise ValueError(f"{what}: file name {name!r} contains the control character "
                          f"{control!r} (no NUL, newline, tab or CR in a file name)")
-    if _LONE_SURROGATE.search(cleaned):
+    try:
+        cleaned.encode("utf-8")  # a lone surrogate (an undecodable byte) does not encode
+    except UnicodeEncodeError:
         raise ValueError(f"{what}: file name {name!r} is not valid Unicode (a lone surrogate, "
-                         "e.g. an undecodable byte); type the name again")
+                         "e.g. an undecodable byte); type the name again") from None
     if os.path.isabs(cleaned) or re.match(r"^[A-Za-z]:", cleaned) or "\\" in cleaned:
         raise ValueError(f"{what}: file name {name!r} must be a plain relative name, not a path")
     parts = cleaned.split("/")
@@ -73,7 +75,6 @@ def _inside(root: str, path: str) -> bool:
     return os.path.commonpath([root, path]) == root
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_NAME_BYTES = 255  # the longest file name most file systems allow
 _MAX_NUMBER_TRIES = 1000
 
@@ -98,8 +99,7 @@ def save_numbered(folder: str, name: str, what: str, write, *, overwrite: bool) 
 def _save_numbered(folder: str, target: str, name: str, what: str, write, *, overwrite: bool) -> str:
     sc.check_folder_path(os.path.dirname(target))
     for place in {folder, os.path.dirname(target)}:
-        if os.path.isdir(place):
-            sc.clean_temp_files(place)
+        sc.clean_temp_files(place)  # a missing folder has nothing to clean
     if overwrite:
         _check_name_length(target, name, what)
         write(target, overwrite=True)

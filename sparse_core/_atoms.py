@@ -80,11 +80,14 @@ class AtomLayer:
         for name in ("atoms", "readouts", "coefficients"):
             if not getattr(self, name).is_floating_point():
                 raise TypeError(f"{name} must be floating point, got {getattr(self, name).dtype}")
-        for name in ("atoms", "readouts", "coefficients"):
+        names = ("atoms", "readouts", "coefficients")
+        finite = torch.stack([torch.isfinite(getattr(self, name).detach()).all().cpu()
+                              for name in names])
+        if not bool(finite.all()):  # one check of all three (on a GPU: one synchronisation)
+            name = names[int((~finite).nonzero()[0])]
             value = getattr(self, name).detach()
-            if value.numel() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name} contains NaN or inf "
-                                 f"({int((~torch.isfinite(value)).sum())} entries)")
+            raise ValueError(f"{name} contains NaN or inf "
+                             f"({int((~torch.isfinite(value)).sum())} entries)")
         if self.index.dtype != torch.int64:
             raise TypeError(f"index must be int64, got {self.index.dtype}")
         if self.effect is not None:
