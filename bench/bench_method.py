@@ -151,6 +151,8 @@ class Bench:
         start = time.perf_counter()
         for step in range(settings.steps):
             loss = loss_fn(step)
+            if isinstance(loss, dict):  # concept and prior parts, summed as train_atoms does
+                loss = sum(loss.values())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -110,7 +110,8 @@ def flow_loss(dit, encoder, images: torch.Tensor, prompt, settings: ConceptSetti
         if prior is not None and settings.prior_weight > 0:
             prior_images, prior_context = prior
             pick = torch.randint(len(prior_images), (settings.prior_batch,), generator=generator)
-            loss = loss + settings.prior_weight * batch_loss(prior_images[pick], prior_context[pick])
+            return {"concept": loss,  # the guard watches the "prior" part
+                    "prior": settings.prior_weight * batch_loss(prior_images[pick], prior_context[pick])}
         return loss
 
     return loss_fn
@@ -125,7 +126,7 @@ def train_concept(dit, encoder, atoms: sc.SparseAtoms, images: torch.Tensor, pro
     atoms.info.prompt = prompt if isinstance(prompt, str) else " | ".join(sorted(set(prompt)))
     result = sc.train_atoms(atoms, loss_fn, settings, on_step=on_step)
     atoms.info.training = {**vars(settings), "steps_done": result.steps_done,
-                           "stopped": result.stopped}
+                           "stopped": result.stopped, "warnings": result.warnings}
     return result
 
 

@@ -171,18 +171,24 @@ class TrainSparseConcept(io.ComfyNode):
         except comfy.model_management.InterruptProcessingException as interrupt:
             _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
             raise
+        if result.no_working_state:
+            raise ValueError(f"Train Sparse Concept: {result.stopped}")
         # the atoms that carry the concept (any effects the dictionary had are stale now)
         trained = trained.without_effects().top_k(trained.n_active)
         trained.info.prompt = ""
         trained.info.training = {**vars(settings), "images": len(concept.latents),
                                  "prior_images": 0 if prior is None else len(prior.latents),
                                  "steps_done": result.steps_done, "stopped": result.stopped,
+                                 "warnings": result.warnings,
                                  "losses": [round(v, 6) for v in result.losses[:: max(1, len(result.losses) // 2000)]],
                                  "seconds": round(time.time() - started, 1)}
         message = (f"{result.steps_done} steps, final loss {result.final_loss:.4f}; "
                    f"{trained.n_atoms} atoms kept of {atoms.n_atoms}") if result.losses else "no step completed"
         if result.stopped:
             message = f"STOPPED EARLY: {result.stopped}. {message}"
+        for warning in result.warnings:
+            message = f"WARNING: {warning}. {message}"
+        if result.stopped or result.warnings:
             log.warning("Train Sparse Concept: %s", message)
         try:  # rank the kept atoms by their measured effect on the training images
             trained, measured = effects.after_training(model, trained, concept, settings,

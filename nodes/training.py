@@ -116,14 +116,16 @@ class _TrainingSampler(comfy.samplers.Sampler):
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
 
-        def group_loss(indices):
-            """Mean prediction error over images ``indices``, one forward per conditioning."""
+        def group_loss(indices, generator, levels=None):
+            """Mean prediction error over images ``indices``, one forward per conditioning; noise
+            levels ``levels[i]`` in [0, 1] per image when given, else drawn uniformly."""
             total_loss = 0.0
             for cond_index, chosen in _by_condition(self.cond_of, indices):
                 x0 = x0_all[chosen]
                 noise_ = torch.randn(x0.shape, generator=generator).to(x0)
-                sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in
-                                      torch.rand(len(chosen), generator=generator)]).to(x0)
+                percents = [levels[i] for i in chosen] if levels else \
+                    torch.rand(len(chosen), generator=generator).tolist()
+                sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in percents]).to(x0)
                 x_t = sampling.noise_scaling(sigma, noise_, x0, False)
                 denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
                                     self.copy_saved)
@@ -134,17 +136,56 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
         def loss_fn(step):
             order = torch.randperm(self.n_concept, generator=generator)
-            loss = group_loss(order[: settings.batch].tolist())
+            concept = group_loss(order[: settings.batch].tolist(), generator)
             if total > self.n_concept and settings.prior_weight > 0:
                 prior = torch.randperm(total - self.n_concept, generator=generator) + self.n_concept
-                loss = loss + settings.prior_weight * group_loss(prior[: settings.batch].tolist())
-            return loss
+                return {"concept": concept, "prior": settings.prior_weight *
+                        group_loss(prior[: settings.batch].tolist(), generator)}
+            return concept
+
+        checked = _check_images(self.n_concept, self.cond_of, settings)
+
+        def check_fn():
+            """The guard's check: the same loss on fixed images, noise and noise levels."""
+            fixed = torch.Generator().manual_seed(settings.seed + 1)
+            return {name: group_loss(indices, fixed, levels) *
+                    (settings.prior_weight if name.startswith("prior") else 1.0)
+                    for name, (indices, levels) in checked.items()}
 
         try:
-            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=self.on_step)
+            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=self.on_step,
+                                         check_fn=check_fn)
         finally:
             model_wrap.conds["positive"] = conds
         return torch.zeros_like(latent_image)
+
+
+CHECK_IMAGES = 16  # at most this many images per part of the guard's check (every 5 steps)
+
+
+def _check_images(n_concept: int, cond_of: list[int], settings: TrainSettings) -> dict:
+    """``{part: (image indices, {index: noise level})}`` for the guard's check: ``"concept"``,
+    up to ``max(4, 2 * batch)`` (at most :data:`CHECK_IMAGES`) concept images; then one part per
+    prior prompt (``"prior"``, or ``"prior 1"``, ``"prior 2"``... with several; prompts beyond
+    :data:`CHECK_IMAGES` share parts), at least 2 images each: a prompt that drifts shows in its
+    own part instead of vanishing in the mean. Noise levels are evenly spaced within each part.
+    Every 5 steps it costs one forward pass per check image, no backward."""
+    count = min(CHECK_IMAGES, max(4, 2 * settings.batch))
+
+    def part(indices, size):
+        picks = [indices[int(k)] for k in
+                 torch.linspace(0, len(indices) - 1, min(size, len(indices))).round().long().unique()]
+        return picks, {i: (k + 0.5) / len(picks) for k, i in enumerate(picks)}
+
+    parts = {"concept": part(list(range(n_concept)), count)}
+    if len(cond_of) > n_concept and settings.prior_weight > 0:
+        prompts = sorted({cond_of[i] for i in range(n_concept, len(cond_of))})
+        groups = [prompts[k::CHECK_IMAGES] for k in range(min(CHECK_IMAGES, len(prompts)))]
+        for k, group in enumerate(groups):
+            indices = [i for i in range(n_concept, len(cond_of)) if cond_of[i] in group]
+            name = "prior" if len(groups) == 1 else f"prior {k + 1}"
+            parts[name] = part(indices, max(2, count // len(groups)))
+    return parts
 
 
 def _broadcast_conds(conds: list, count: int, what: str) -> list:

@@ -23,33 +23,9 @@ non-smooth parts exactly:
 :func:`budget_schedule` lowers the budget gradually during training (Zhu & Gupta, 2017, *To prune,
 or not to prune*): atoms compete while the model still adapts, instead of being cut afterwards.
 
-**Divergence guard.** :func:`train_atoms` keeps a copy of the last *verified* state (on the atoms'
-device: one more copy of the trained tensors, next to the optimizer's two) and stops, restoring
-that state, at the first step that diverges. A state is verified when the loss measured on it is
-finite and has not exploded; a step diverges when
-
-- its loss, a gradient, or a trained tensor after the update is NaN or inf;
-- its loss exceeds :data:`LOSS_LIMIT` times the starting loss (the median loss of the first
-  :data:`REFERENCE_STEPS` steps, as single batches are noisy): the loss exploded;
-- renormalising the tuned atoms or read-outs grows a coefficient by more than
-  :data:`MAX_STEP_GROWTH` in one step, or by more than :data:`MAX_TOTAL_GROWTH` since it was last
-  zero, beyond what the optimizer's own steps on ``s`` did (see :meth:`_Guard.check_update`).
-  Adam moves every entry of a unit-norm atom by about ``lr``, so a step changes its length by up
-  to about ``lr * sqrt(out_features)``; normalising (1. above) moves that length into ``s``; with a
-  learning rate too large for the atoms this feeds on itself: the coefficients grow
-  geometrically (to 1e17 within a few dozen steps) while the loss, behind layer norms and
-  softmaxes, barely rises.
-
-The growth limits come from measurements. On the digits model (64 output features, 400 steps),
-learning rates up to 1e-2 grew coefficients by at most 1.04x per step and 151x in total and
-learned the concept; at 3e-2 and 0.1 the total passed 300 after 140 and 30 steps, and the samples
-broke soon after (the limit is 1e4, not 300: layers with many more output features than the digits
-model's 64 grow more per step at the same learning rate, and a geometric runaway passes 1e4 a few
-steps after 300); at 1.0 a single step grew them 6x. Least-squares problems that converge at
-learning rates up to 1.0, with or without noise, stayed below 2.4x and 5x.
-
-The atoms after the last step are verified too (one more forward pass, without gradients), so
-the atoms returned always passed every check. Measured effects (``AtomLayer.effect``) describe
+**Divergence guard.** :func:`train_atoms` stops training that broke the model and puts back the
+last state whose losses still stayed near the start's (see :mod:`sparse_core._guard`, which also
+gives the measurements its limits come from). Measured effects (``AtomLayer.effect``) describe
 the atoms they were measured on, so training that changes the atoms drops them.
 """
 
@@ -57,23 +33,19 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from ._atoms import SparseAtoms
+from ._guard import LOWER_LR, REFERENCE_CHECKS, Guard, all_finite
 
 __all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "budget_schedule",
            "TrainingResult", "train_atoms"]
 
 BUDGET_CRITERIA = ("taylor", "weight norm")
 TAYLOR_DECAY = 0.9  # the Taylor budget's moving average keeps this much of its past per step
-LOSS_LIMIT = 100.0  # a loss this many times the starting loss has exploded
-REFERENCE_STEPS = 5  # the starting loss: median of this many first steps (batches are noisy)
-MAX_STEP_GROWTH = 3.0  # renormalisation may grow a coefficient at most this much in one step
-MAX_TOTAL_GROWTH = 1e4  # ... and at most this much in total
 
 
 def _int(name: str, value, minimum: int) -> int:
@@ -199,39 +171,60 @@ class TrainingResult:
     """What :func:`train_atoms` did.
 
     ``losses[i]`` is the loss of step ``i + 1`` (measured before its update) for every step whose
-    update the returned atoms contain, so ``steps_done == len(losses)``; ``final_loss`` is the
-    loss measured on the returned atoms; ``stopped`` says why training stopped early and which
-    step's atoms were kept (``None`` when every step ran and passed the checks).
+    update the returned atoms contain, so ``steps_done == len(losses)``; ``parts`` holds the same
+    per named part of the loss (when ``loss_fn`` returns a dict) and ``growth`` the largest total
+    coefficient growth after each of those steps; ``final_loss`` is the loss measured on the
+    returned atoms; ``stopped`` says why training stopped early and which step's atoms were kept
+    (``None`` when every step ran and the final atoms passed every check); ``warnings`` what the
+    user should check although training ran (a risen prior-preservation loss); ``reference``
+    the starting atoms' evaluations per part (what the guard compares with).
     """
 
     losses: list[float] = field(default_factory=list)
     stopped: str | None = None
     final_loss: float | None = None
+    parts: dict[str, list[float]] = field(default_factory=dict)
+    growth: list[float] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    reference: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def steps_done(self) -> int:
         return len(self.losses)
 
+    @property
+    def no_working_state(self) -> bool:
+        """Training stopped before any trained state passed the guard's checks: the atoms are the
+        starting ones, and nothing trained should be used."""
+        return self.stopped is not None and self.steps_done == 0
+
 
 def train_atoms(
     atoms: SparseAtoms,
-    loss_fn: Callable[[int], torch.Tensor],
+    loss_fn: Callable[[int], torch.Tensor | dict[str, torch.Tensor]],
     config: TrainConfig | None = None,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    check_fn: Callable[[], torch.Tensor | dict[str, torch.Tensor]] | None = None,
     **fields,
 ) -> TrainingResult:
     """The training loop every front end shares, in place on ``atoms``: Adam on
-    ``loss_fn(step)`` (a scalar computed with the atoms applied), then :func:`sparse_step_` with
-    the l1 threshold ``lr * l1`` and the :func:`budget_schedule` of ``budget`` atoms.
+    ``loss_fn(step)`` (a scalar computed with the atoms applied, or a dict of named scalar parts
+    whose sum is the loss; the guard watches a part named ``"prior"``, the prior-preservation
+    loss, for a warning), then :func:`sparse_step_` with the l1 threshold ``lr * l1`` and the
+    :func:`budget_schedule` of ``budget`` atoms.
 
     ``config`` is a :class:`TrainConfig`; keyword ``fields`` build one or override its fields
-    (``train_atoms(atoms, loss_fn, steps=100, lr=1e-2)``). A step that diverges (see the module
-    docstring) stops training with the atoms of the last verified step restored;
-    ``result.stopped`` says what happened. After the last step ``loss_fn(steps)`` is called once
-    more, without gradients, to verify the final atoms. ``on_step(step, loss)`` runs after each
-    completed step (progress bars, and cancelling: an exception it raises propagates with the
-    atoms left at that step, which passed every check but the loss of the next step).
+    (``train_atoms(atoms, loss_fn, steps=100, lr=1e-2)``). The divergence guard
+    (:mod:`sparse_core._guard`) judges states by ``check_fn()`` when given (called without
+    gradients on the starting atoms, every 5 steps and on the final atoms: the same loss on fixed
+    data, noise and noise levels, as a scalar or a dict of named parts, e.g. one per prior
+    prompt), else by the training losses (then it calls ``loss_fn(0)`` :data:`REFERENCE_CHECKS`
+    - 1 more times without gradients before the first update and ``loss_fn(steps)`` that many
+    times after the last); training that diverges or breaks stops with the last working state
+    restored, and ``result.stopped`` says what happened. ``on_step(step, loss)`` runs after each completed
+    step (progress bars, and cancelling: an exception it raises propagates with the atoms left at
+    that step, which passed every check but the loss of the next step).
     """
     if not isinstance(atoms, SparseAtoms):
         raise TypeError(f"atoms must be SparseAtoms, got {type(atoms).__name__}")
@@ -247,7 +240,10 @@ def train_atoms(
         raise ValueError("atoms has no atoms to train")
     params = trainable_parameters(atoms, train_atoms=config.train_atoms,
                                   train_readouts=config.train_readouts)
-    guard = _Guard(atoms, config)
+    if check_fn is not None and not callable(check_fn):
+        raise TypeError(f"check_fn must be callable as check_fn(), got {type(check_fn).__name__}")
+    check = None if check_fn is None else lambda: _evaluations(lambda _: check_fn(), 0, 1, "check_fn()")[0]
+    guard = Guard(atoms, config.lr, config.train_atoms or config.train_readouts, config.steps, check)
     taylor = None  # the Taylor budget's scores, {key: (m,)}
     if config.budget is not None and config.budget_by == "taylor":
         taylor = {key: torch.zeros_like(layer.coefficients, dtype=torch.float32)
@@ -256,18 +252,21 @@ def train_atoms(
     result = TrainingResult()
     try:
         for step in range(config.steps):
-            loss = loss_fn(step)
-            value = _loss_value(loss, step)
-            problem = guard.check_loss(value)
+            loss, parts = _loss(loss_fn, step)
+            problem = guard.start([parts, *_evaluations(loss_fn, 0, 0 if check else
+                                                        REFERENCE_CHECKS - 1)]) if step == 0 else None
+            if problem:
+                result.stopped = f"step 1: {problem[0]}; nothing was trained ({problem[1]})"
+                break
+            problem = guard.check_loss(step, parts)
             if problem:
                 result.stopped = guard.restore(f"step {step + 1}", *problem)
                 break
-            guard.verified(step, value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if not _all_finite(p.grad for p in params if p.grad is not None):
+            if not all_finite(p.grad for p in params if p.grad is not None):
                 result.stopped = guard.restore(f"step {step + 1}", "a gradient became NaN or inf",
-                                               _LOWER_LR)
+                                               LOWER_LR, True)
                 break
             if taylor is not None:
                 _accumulate_taylor(atoms, taylor)
@@ -282,17 +281,17 @@ def train_atoms(
             if problem:
                 result.stopped = guard.restore(f"step {step + 1}", *problem)
                 break
-            result.losses.append(value)
+            result.losses.append(float(loss.detach()))
+            for name, part in parts.items():
+                result.parts.setdefault(name, []).append(part)
+            result.growth.append(guard.max_growth)
             if on_step is not None:
-                on_step(step, value)
+                on_step(step, result.losses[-1])
         else:
-            with torch.no_grad():
-                value = _loss_value(loss_fn(config.steps), config.steps)
-            problem = guard.check_loss(value)
+            problem = guard.check_final(config.steps, lambda: _evaluations(
+                loss_fn, config.steps, 1 if check else REFERENCE_CHECKS))
             if problem:
                 result.stopped = guard.restore("the final check", *problem)
-            else:
-                guard.verified(config.steps, value)
     finally:
         for p in params:
             p.requires_grad_(False)
@@ -300,8 +299,11 @@ def train_atoms(
         if guard.changed:
             stripped = atoms.without_effects()
             atoms.layers, atoms.info = stripped.layers, stripped.info
-    del result.losses[guard.kept_step:]
-    result.final_loss = guard.kept_loss
+    del result.losses[guard.working_step:], result.growth[guard.working_step:]
+    for values in result.parts.values():
+        del values[guard.working_step:]
+    result.final_loss, result.reference = guard.working_loss, guard.reference
+    result.warnings = guard.warnings() if result.final_loss is not None else []
     return result
 
 
@@ -315,121 +317,27 @@ def _accumulate_taylor(atoms: SparseAtoms, scores: dict[str, torch.Tensor]) -> N
         scores[key].mul_(TAYLOR_DECAY).add_((1 - TAYLOR_DECAY) * taylor).mul_(s != 0)
 
 
-def _loss_value(loss, step: int) -> float:
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(f"loss_fn({step}) must return a scalar tensor, got "
-                        f"{type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
-    if torch.is_grad_enabled() and not loss.requires_grad:
-        raise ValueError(f"loss_fn({step}) returned a loss without gradient: it must be computed "
-                         "with the atoms applied (e.g. through sparse_core.patched_weights)")
-    return float(loss.detach())
+def _loss(loss_fn, step: int, what: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss_fn(step)`` as (the scalar loss, ``{part: value}``; ``{"total": value}`` when
+    ``loss_fn`` returns one scalar); ``what`` names the call in errors."""
+    what = what or f"loss_fn({step})"
+    loss = loss_fn(step)
+    named = loss if isinstance(loss, dict) else {"total": loss}
+    if not named:
+        raise ValueError(f"{what} returned an empty dict of loss parts")
+    for name, part in named.items():
+        if not isinstance(name, str) or not isinstance(part, torch.Tensor) or part.numel() != 1:
+            raise TypeError(f"{what} must return a scalar tensor or a dict of named scalar "
+                            f"tensors, got {type(part).__name__} {tuple(getattr(part, 'shape', ()))}"
+                            + ("" if named is not loss else f" for part {name!r}"))
+        if torch.is_grad_enabled() and not part.requires_grad:
+            raise ValueError(f"{what} returned a loss without gradient: it must be computed "
+                             "with the atoms applied (e.g. through sparse_core.patched_weights)")
+    total = sum(named.values()) if isinstance(loss, dict) else loss
+    return total, {name: float(part.detach()) for name, part in named.items()}
 
 
-def _all_finite(tensors) -> bool:
-    flags = [torch.isfinite(t).all() for t in tensors if t.numel()]
-    if not flags:
-        return True
-    device = flags[0].device
-    return bool(torch.stack([f.to(device) for f in flags]).all())  # one synchronisation
-
-
-_LOWER_LR = "lower the learning rate, or train in float32"
-
-
-class _Guard:
-    """The divergence checks of :func:`train_atoms` and the copy of the last verified state."""
-
-    def __init__(self, atoms: SparseAtoms, config: TrainConfig):
-        self.atoms, self.lr = atoms, config.lr
-        self.tuned = config.train_atoms or config.train_readouts
-        self.tensors = [t for layer in atoms.layers.values()
-                        for t in (layer.atoms, layer.readouts, layer.coefficients)]
-        self.saved = [t.detach().clone() for t in self.tensors]  # the last verified state
-        self.kept_step, self.kept_loss = 0, None
-        self.reference: list[float] = []  # losses of the first REFERENCE_STEPS steps
-        # per atom, the growth renormalising has given its coefficient since it was last zero
-        self.growth = {key: torch.ones(layer.n_atoms, device=layer.coefficients.device)
-                       for key, layer in atoms.layers.items()}
-        self.changed = False  # whether the atoms differ from the ones training started with
-
-    def check_loss(self, value: float) -> tuple[str, str] | None:
-        """``(what happened, advice)`` when the loss of the atoms in place diverged."""
-        if not math.isfinite(value):
-            if not self.reference:
-                return (f"the loss of the starting atoms is {value}",
-                        "check the data, the conditioning and the model")
-            return f"the loss became {value}", _LOWER_LR
-        if self.reference:
-            start = statistics.median(self.reference)
-            # The loss's own scale: the starting loss, or (a loss that starts at or below 0) the
-            # spread of the first steps, or 1 when those are all 0.
-            scale = max(abs(start), max(self.reference) - min(self.reference)) or 1.0
-            if value - start > LOSS_LIMIT * scale:
-                return (f"the loss exploded to {value:.4g} (the starting loss {start:.4g}; the "
-                        f"limit is {LOSS_LIMIT:g}x its scale {scale:.4g} above it)", _LOWER_LR)
-        return None
-
-    def verified(self, step: int, value: float) -> None:
-        """The atoms in place (``step`` updates) gave the finite loss ``value``: keep a copy."""
-        if len(self.reference) < REFERENCE_STEPS:
-            self.reference.append(value)
-        if step > self.kept_step:
-            with torch.no_grad():
-                for saved, tensor in zip(self.saved, self.tensors):
-                    saved.copy_(tensor)
-        self.kept_step, self.kept_loss = step, value
-
-    def coefficients(self) -> list[torch.Tensor] | None:
-        """A copy of every layer's ``s`` ``(m,)`` (``None`` when neither atoms nor read-outs train:
-        then renormalising never grows a coefficient)."""
-        if not self.tuned:
-            return None
-        return [layer.coefficients.detach().clone() for layer in self.atoms.layers.values()]
-
-    def check_update(self, before, stepped) -> tuple[str, str] | None:
-        """After the optimizer step and :func:`sparse_step_`: finite tensors, and bounded growth
-        of the coefficients beyond what the optimizer gave them. With ``s0`` before the step,
-        ``s1`` after the optimizer and ``s2`` now, an atom's growth is ``|s2| / max(|s0|, |s1|)``:
-        renormalising counts, the optimizer's own steps on ``s`` do not, and shrinking (by the
-        optimizer, l1 or the budget) pays growth back. The total restarts when ``s`` is zero."""
-        self.changed = True
-        if not _all_finite(self.tensors):
-            return "the atoms became NaN or inf in the update", _LOWER_LR
-        if before is None:
-            return None
-        worst = []  # (key, [growth in this step, total growth, row]) of each layer's worst atom
-        with torch.no_grad():
-            for (key, layer), s0, s1 in zip(self.atoms.layers.items(), before, stepped):
-                if not layer.n_atoms:
-                    continue
-                s2 = layer.coefficients.detach()
-                alive = (s0 != 0) & (s2 != 0)
-                step = torch.where(alive, s2.abs() / torch.maximum(s0.abs(), s1.abs()), 1.0).float()
-                self.growth[key] = torch.where(alive, self.growth[key] * step, 1.0)
-                row = torch.argmax(torch.maximum(step / MAX_STEP_GROWTH,
-                                                 self.growth[key] / MAX_TOTAL_GROWTH))
-                worst.append((key, torch.stack([step[row], self.growth[key][row], row.float()])))
-        if not worst:
-            return None
-        values = torch.stack([value for _, value in worst]).tolist()  # one synchronisation
-        for (key, _), (step, total, row) in zip(worst, values):
-            if step > MAX_STEP_GROWTH or total > MAX_TOTAL_GROWTH:
-                label = self.atoms.label(key, int(self.atoms[key].index[int(row)]))
-                what = (f"in one step by {step:.3g}x (limit {MAX_STEP_GROWTH:g}x)"
-                        if step > MAX_STEP_GROWTH else
-                        f"by {total:.3g}x in total (limit {MAX_TOTAL_GROWTH:g}x)")
-                return (f"renormalising atom {label} ({key}) grew its coefficient {what}: "
-                        "the atoms' scale is running away",
-                        f"the learning rate {self.lr:g} is too large for tuning the atoms; "
-                        "lower it, or do not tune the atoms")
-        return None
-
-    def restore(self, where: str, what: str, advice: str) -> str:
-        """Put the last verified atoms back; the message for ``TrainingResult.stopped``."""
-        with torch.no_grad():
-            for saved, tensor in zip(self.saved, self.tensors):
-                tensor.copy_(saved)
-        self.changed = self.kept_step > 0
-        kept = ("the starting atoms were kept" if self.kept_step == 0 else
-                f"the atoms of step {self.kept_step} were kept")
-        return f"{where}: {what}; {kept} ({advice})"
+@torch.no_grad()
+def _evaluations(loss_fn, step: int, count: int, what: str | None = None) -> list[dict[str, float]]:
+    """``count`` evaluations of ``loss_fn(step)`` without gradients, as ``[{part: value}]``."""
+    return [_loss(loss_fn, step, what)[1] for _ in range(count)]

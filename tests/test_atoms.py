@@ -202,10 +202,10 @@ def test_training_loop_reduces_the_loss_and_respects_the_budget():
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_atoms():
     atoms, loss = fitting_problem()
-    snapshots = []
+    snapshots = {}
 
     def poisoned(step):
-        snapshots.append(atoms["w"].coefficients.detach().clone())
+        snapshots[step] = atoms["w"].coefficients.detach().clone()
         value = loss(step)
         return value * float("nan") if step == 5 else value
 
