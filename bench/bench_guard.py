@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -151,7 +150,6 @@ def main():
             print(f"\n== lr {lr} {dtype} {steps} steps, guard on: {json.dumps(kept)}", flush=True)
             report[name] = kept
             continue
-        parts = result.parts
         start_c = checks[0]["concept"]
         rows = []
         print(f"\n== lr {lr} {dtype} {steps} steps; stopped: {result.stopped}")

@@ -101,7 +101,8 @@ class Guard:
         self.tensors = [t for layer in atoms.layers.values()
                         for t in (layer.atoms, layer.readouts, layer.coefficients)]
         self.working = [t.detach().clone() for t in self.tensors]
-        self.candidate = [t.detach().clone() for t in self.tensors]
+        # the candidate's copy: only judging by windows needs it (a check judges the state itself)
+        self.candidate = [] if check_fn else [t.detach().clone() for t in self.tensors]
         self.loss_reference: list[float] = []  # the starting atoms' training losses
         self.reference: dict[str, list[float]] = {}  # {part: the starting atoms' evidence}
         self.window: dict[str, list[float]] = {}  # {part: losses of the current window}
@@ -295,8 +296,7 @@ class Guard:
         it stayed near the start; the message for ``TrainingResult.stopped``."""
         if sudden and self.candidate_step >= 0 and self.broken_windows == 0 and \
                 (not self.window or self._near_start(self.window)):
-            self._confirm(self.window, self.window_start + len(next(iter(self.window.values()), [])) - 1
-                          if self.window else self.candidate_step)
+            self._confirm(self.window, self.window_start + len(next(iter(self.window.values()), [])) - 1)
         with torch.no_grad():
             for copy, tensor in zip(self.working, self.tensors):
                 tensor.copy_(copy)
