@@ -16,7 +16,7 @@ from comfy_api.latest import io
 import sparse_core as sc
 
 from . import effects, masks, presets, routes
-from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, check_finite, check_latent_channels,
+from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, check_finite, check_latent_for_model,
                      loss_curve, rgb_to_image, save_numbered, send_text)
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family
 from .training import Dataset, TrainSettings, train
@@ -140,13 +140,13 @@ class TrainSparseConcept(io.ComfyNode):
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1, prior_weight=prior_weight)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
-        check_latent_channels(model, concept.latents, "latents", "Train Sparse Concept")
+        check_latent_for_model(model, concept.latents, "latents", "Train Sparse Concept")
         prior = None
         if (prior_latents is None) != (prior_conditioning is None):
             raise ValueError("prior preservation needs both prior_latents and prior_conditioning")
         if prior_latents is not None:
             prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
-            check_latent_channels(model, prior.latents, "prior_latents", "Train Sparse Concept")
+            check_latent_for_model(model, prior.latents, "prior_latents", "Train Sparse Concept")
         atoms = atom_dict
         if atoms is None:
             atoms, report = build_dictionary(model, "cross-attention k/v", "", 32, "svd", seed)

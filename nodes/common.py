@@ -161,16 +161,45 @@ def check_finite(node: str, **values) -> None:
             raise ValueError(f"{node}: {input_name} must be a finite number, got {value!r}")
 
 
-def check_latent_channels(model, samples: torch.Tensor, input_name: str, node: str) -> None:
-    """``samples (B, C, ...)`` must have the channels of ``model``'s latents
-    (``latent_format.latent_channels``), or a ValueError says which input has how many."""
+def check_latent_for_model(model, samples: torch.Tensor, input_name: str, node: str) -> None:
+    """``samples (B, C, H, W)`` must have the channels of ``model``'s latents
+    (``latent_format.latent_channels``) and a size its diffusion model can run (see
+    :data:`SMALLEST_LATENT`), or a ValueError says which input is wrong and what would do."""
     expected = getattr(getattr(model.model, "latent_format", None), "latent_channels", None)
-    if expected is None or samples.ndim < 2 or samples.shape[1] == expected:
-        return
-    raise ValueError(f"{node}: {input_name} has {samples.shape[1]} channels (shape "
-                     f"{tuple(samples.shape)}), but this {model_family(model)[1]} model takes "
-                     f"{expected}-channel latents (a latent made for another model? encode the "
-                     "images with this model's VAE)")
+    architecture = model_family(model)[1]
+    if expected is not None and samples.ndim >= 2 and samples.shape[1] != expected:
+        raise ValueError(f"{node}: {input_name} has {samples.shape[1]} channels (shape "
+                         f"{tuple(samples.shape)}), but this {architecture} model takes "
+                         f"{expected}-channel latents (a latent made for another model? encode "
+                         "the images with this model's VAE)")
+    rule = LATENT_RULES.get(type(model.model.diffusion_model).__name__)
+    if rule is not None and samples.ndim == 4:
+        height, width = samples.shape[-2:]
+        ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+        problem = rule(model.model.diffusion_model, height, width, ratio)
+        if problem:
+            raise ValueError(f"{node}: {input_name} is {height}x{width} latent pixels "
+                             f"({height * ratio}x{width * ratio} px), which this {architecture} "
+                             f"model cannot run: {problem}")
+
+
+def _pixart_latent_problem(diffusion, height: int, width: int, ratio: int) -> str | None:
+    """ComfyUI's ``PixArtMS.forward_orig`` divides by ``round(((H + W) // 2) / 64)`` (zero below a
+    mean side of 33 latent pixels) and embeds positions for ``H // p`` by ``W // p`` patches while
+    its patch embedding pads an odd side (a shape mismatch)."""
+    patch = diffusion.patch_size
+    if height % patch or width % patch:
+        return (f"its sides must be multiples of {patch} latent pixels ({patch * ratio} px); "
+                "resize the images")
+    if round(((height + width) // 2) / 64) == 0:
+        smallest = 33 + (-33) % patch  # the smallest multiple of the patch size from 33
+        return (f"its mean side must be at least 33 latent pixels (the smallest square it runs "
+                f"is {smallest * ratio}x{smallest * ratio} px); use larger images")
+    return None
+
+
+# Diffusion models (by class name) with sizes they cannot run: the problem, or None.
+LATENT_RULES = {"PixArtMS": _pixart_latent_problem}
 
 
 def send_text(text: str, node_id) -> None:

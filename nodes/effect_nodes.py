@@ -14,7 +14,7 @@ from comfy_api.latest import io
 import sparse_core as sc
 
 from . import effects, explorer
-from .common import CATEGORY, SparseAtomsType, check_finite, check_latent_channels, send_text
+from .common import CATEGORY, SparseAtomsType, check_finite, check_latent_for_model, send_text
 from .patching import apply_to_model, check_fit
 
 log = logging.getLogger("sparse_atoms")
@@ -93,7 +93,7 @@ class MeasureAtomEffects(io.ComfyNode):
         check_finite(NODE, alone_strength=alone_strength, cfg=cfg)
         check_fit(model, sparse_atoms)
         render_latent = _samples(latent, "latent")
-        check_latent_channels(model, render_latent, "latent", NODE)
+        check_latent_for_model(model, render_latent, "latent", NODE)
         if not positive or not negative:
             raise ValueError(f"{NODE}: {'positive' if not positive else 'negative'} is empty")
         settings = explorer.SamplerSettings(seed, steps, cfg, sampler_name, scheduler)
@@ -107,7 +107,7 @@ class MeasureAtomEffects(io.ComfyNode):
                 apply_to_model(model, sparse_atoms, 1.0), positive, negative, empty, settings,
                 progress.sampling_step)}
         samples = _samples(calibration_latents, "calibration_latents")
-        check_latent_channels(model, samples, "calibration_latents", NODE)
+        check_latent_for_model(model, samples, "calibration_latents", NODE)
         if not bool(torch.isfinite(samples).all()):
             raise ValueError(f"{NODE}: calibration_latents contain NaN or inf")
         conds = calibration_conditioning or positive

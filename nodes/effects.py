@@ -8,11 +8,12 @@ own ``model_sampling`` (eps, v or flow models alike), at fixed noise levels with
 
     sigma_l = model_sampling.percent_to_sigma((l + 0.5) / L),   l = 0 .. L-1
     x_t     = model_sampling.noise_scaling(sigma_l, noise, x0)
-    output  = guider(x_t, sigma_l) / sigma_l
+    output  = guider(x_t, sigma_l) / s(sigma_l)
 
-Dividing the model's denoised prediction by sigma makes differences between two atom sets the
-difference of the model's own prediction (its noise for eps models, its velocity for flow
-models), the quantity the trainer's loss measures, so every noise level weighs alike.
+Dividing the model's denoised prediction by ``s(sigma)`` (:func:`training.prediction_scale`: sigma
+for eps and flow models, sigma / sqrt(1 + sigma^2) for v-prediction) makes differences between two
+atom sets the difference of the model's own prediction (its noise, velocity or v), the quantity
+the trainer's loss measures, so every noise level weighs alike.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .common import send_text
 from .patching import AtomsWeightWrapper, check_fit, release
 from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _checkpointed,
                        _clone_cond, _copy_inference_weights, _denoise, _distinct,
-                       _sampler_inputs)
+                       _sampler_inputs, prediction_scale)
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
@@ -228,7 +229,7 @@ class _CalibrationSampler(comfy.samplers.Sampler):
                 autocast = torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=self.bf16)
                 denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
                                     self.copy_saved)
-                outputs.append(denoised.float() / max(levels[level], 1e-3))
+                outputs.append(denoised.float() / prediction_scale(sampling, sigma, x0.dim()))
             return torch.cat(outputs)[torch.argsort(torch.tensor(order))]  # the latents' order
 
         try:
@@ -270,7 +271,7 @@ def _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved):
                                       lambda predict, n_batches: run(wired, predict, n_batches),
                                       bf16, copy_saved)
         try:
-            with _checkpointed(patcher.model.diffusion_model, checkpointing):
+            with _checkpointed(patcher.model.diffusion_model, checkpointing, copy_saved):
                 guider.sample(torch.zeros_like(data), data, sampler, torch.arange(len(data)),
                               seed=calibration.seed, disable_pbar=True)
         finally:

@@ -7,11 +7,14 @@ noise comes from the model's ``model_sampling``::
 
     sigma  = model_sampling.percent_to_sigma(u),  u ~ U(0, 1)
     x_t    = model_sampling.noise_scaling(sigma, noise, x0)
-    loss   = mean(((guider(x_t, sigma) - x0) / sigma)^2)
+    loss   = mean(((guider(x_t, sigma) - x0) / s(sigma))^2)
 
-Dividing the x0-space error by sigma makes it the error of the model's own prediction (the noise
-for eps models, the velocity for flow models), so every noise level weighs alike instead of the
-x0 loss growing with sigma^2. Atoms enter as weight wrappers (differentiable ``W + delta W``); the
+where ``s(sigma)`` is how much the denoised prediction moves per unit of the model's own output
+(:func:`prediction_scale`: sigma for eps and flow models, sigma / sqrt(1 + sigma^2) for
+v-prediction). Dividing the x0-space error by it makes the loss the error of the model's own
+prediction (its noise, velocity or v), so every noise level weighs alike instead of the x0 loss
+growing with sigma^2 (or, divided by sigma alone, a v model's loss shrinking like 1 / (1 + sigma^2)
+and swinging with the noise levels drawn). Atoms enter as weight wrappers (differentiable ``W + delta W``); the
 loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
 """
 
@@ -22,6 +25,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree
 import torch.utils.checkpoint
 
 import comfy.model_management
@@ -77,6 +81,18 @@ def _distinct(conds: list) -> tuple[list, list[int]]:
     return unique, cond_of
 
 
+def prediction_scale(sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``|d denoised / d model output|`` at each ``sigma`` (shape ``(n,)``), shaped ``(n, 1, ...)``
+    with ``ndim`` dimensions: read off the model's own ``calculate_denoised`` (linear in the
+    output), so eps (sigma), flow (sigma), v-prediction (sigma * sd / sqrt(sigma^2 + sd^2)) and x0
+    models (1) each get theirs. Floored at 1e-3 like the lowest noise levels."""
+    shape = (len(sigma),) + (1,) * (ndim - 1)
+    ones, zeros = torch.ones(shape).to(sigma), torch.zeros(shape).to(sigma)
+    with torch.no_grad():
+        slope = sampling.calculate_denoised(sigma, ones, zeros) - sampling.calculate_denoised(sigma, zeros, zeros)
+    return slope.abs().float().clamp_min(1e-3)
+
+
 def _sampler_inputs(model_wrap, latent_image, seed):
     """What a ``comfy.samplers.Sampler.sample`` call gives a training-like loop: the positive
     CONDITIONING entries, the model's sampling (sigmas), the latents ``(N, C, H, W)`` (already
@@ -129,7 +145,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
                 x_t = sampling.noise_scaling(sigma, noise_, x0, False)
                 denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
                                     self.copy_saved)
-                scale = sigma.clamp_min(1e-3).view(-1, *([1] * (x0.dim() - 1)))
+                scale = prediction_scale(sampling, sigma, x0.dim())
                 error = ((denoised.float() - x0.float()) / scale).pow(2)
                 total_loss = total_loss + error.flatten(1).mean(1).sum()
             return total_loss / len(indices)
@@ -244,7 +260,8 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved)
         noise = torch.zeros_like(data)
         try:
-            with _checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing):
+            with _checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,
+                               copy_saved):
                 guider.sample(noise, data, sampler, torch.arange(len(data)), seed=settings.seed,
                               disable_pbar=True)
         except comfy.model_management.InterruptProcessingException as interrupt:
@@ -257,17 +274,25 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
 
 def _copy_inference_weights(patcher, adapted: set[str]) -> None:
     """Checkpoints loaded inside a ComfyUI graph hold inference-mode tensors, which autograd may
-    not save for backward; an identity weight wrapper makes ComfyUI's ops use a copy instead (as
-    the atoms' own wrappers do for the adapted layers)."""
+    not save for backward. A weight of one of ComfyUI's ops gets an identity weight wrapper, which
+    makes the op use a copy (as the atoms' own wrappers do for the adapted layers); any other
+    parameter or buffer (MMDiT's RMSNorm and Flux's QKNorm scales, PixArt's modulation tables:
+    plain tensors that ``cast_to`` returns as they are when the dtypes agree) gets a plain copy as
+    an object patch, put in while the clone is loaded and taken out when it is unloaded."""
     for name, module in patcher.model.diffusion_model.named_modules():
-        key = f"diffusion_model.{name}"
-        for field in ("weight", "bias"):
-            tensor = getattr(module, field, None)
-            if key in adapted and field == "weight":
+        key = f"diffusion_model.{name}" if name else "diffusion_model"
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for field, tensor in own:
+            if tensor is None or not tensor.is_inference():
                 continue
-            if isinstance(tensor, torch.Tensor) and tensor.is_inference() and \
-                    hasattr(module, f"{field}_function"):
-                patcher.add_weight_wrapper(f"{key}.{field}", _identity)
+            if hasattr(module, f"{field}_function"):
+                if not (key in adapted and field == "weight"):
+                    patcher.add_weight_wrapper(f"{key}.{field}", _identity)
+            elif isinstance(tensor, torch.nn.Parameter):
+                patcher.add_object_patch(f"{key}.{field}",
+                                         torch.nn.Parameter(tensor.clone(), requires_grad=False))
+            else:
+                patcher.add_object_patch(f"{key}.{field}", tensor.clone())
 
 
 def _identity(tensor):
@@ -289,9 +314,13 @@ def _clone_cond(cond):
 
 
 @contextlib.contextmanager
-def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool):
+def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool, copy_inputs: bool = False):
     """Gradient checkpointing: recompute each top-level block in the backward pass instead of
-    keeping its activations. Restores the original forwards afterwards."""
+    keeping its activations. Restores the original forwards afterwards.
+
+    ``copy_inputs`` (for models that update activations in place, like Flux's blocks with
+    ``x += ...``): each block runs on copies of its tensor inputs, so the inputs checkpointing
+    keeps for the recomputation are still the ones the forward pass saw."""
     if not enabled:
         yield
         return
@@ -311,7 +340,8 @@ def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool):
         originals.append((block, block.__dict__.get("forward")))
 
         def checkpointed(*args, __forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(__forward, *args, use_reentrant=False, **kwargs)
+            run = _on_copies(__forward) if copy_inputs else __forward
+            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
     try:
@@ -322,3 +352,11 @@ def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool):
                 del block.forward
             else:
                 block.forward = own_forward
+
+
+def _on_copies(forward):
+    """``forward`` called on copies of the tensors among its arguments (nested ones included)."""
+    def run(*args, **kwargs):
+        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
+        return forward(*args, **kwargs)
+    return run

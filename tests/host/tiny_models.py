@@ -26,15 +26,19 @@ CONFIGS = {
                          pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
                          context_embedder_config={"target": "torch.nn.Linear",
                                                   "params": {"in_features": 64, "out_features": 128}})),
+    "pixart": (sm.PixArtSigma, dict(image_model="pixart_sigma", input_size=32, patch_size=2,
+                                    in_channels=4, hidden_size=64, depth=1, num_heads=2,
+                                    caption_channels=64, model_max_length=8, micro_condition=False)),
 }
-CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16, "sd3": 16}
-ARCHS = list(CONFIGS)
+CHANNELS = {"sd15": 4, "sdxl": 4, "flux": 16, "sd3": 16, "pixart": 4}
+ARCHS = ["sd15", "sdxl", "flux", "sd3"]  # what every node test runs on
 
 
-def build(arch: str, seed: int = 0):
-    """A ModelPatcher over a tiny ``arch`` model with fan-in scaled random weights."""
+def build(arch: str, seed: int = 0, **overrides):
+    """A ModelPatcher over a tiny ``arch`` model with fan-in scaled random weights; ``overrides``
+    change its config (``qk_norm="rms"`` for SD3.5's RMSNorm, say)."""
     config_class, unet_config = CONFIGS[arch]
-    config = config_class(dict(unet_config))
+    config = config_class(dict(unet_config, **overrides))
     if arch in ("sd15", "sdxl"):
         config.unet_config.update(num_heads=2, num_head_channels=-1)
     config.set_inference_dtype(torch.float32, None)
@@ -66,7 +70,8 @@ def conditioning(arch: str, seed: int = 0, tokens: int = 8):
     context = torch.randn(1, tokens, 64, generator=generator)
     pooled = torch.randn(1, 32, generator=generator)
     extra = {"sd15": {}, "sdxl": {"pooled_output": pooled, "width": 64, "height": 64},
-             "flux": {"pooled_output": pooled, "guidance": 3.5}, "sd3": {"pooled_output": pooled}}[arch]
+             "flux": {"pooled_output": pooled, "guidance": 3.5}, "sd3": {"pooled_output": pooled},
+             "pixart": {}}[arch]
     return [[context, extra]]
 
 
