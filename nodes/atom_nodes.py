@@ -18,7 +18,7 @@ import sparse_core as sc
 from . import effects, masks, presets, routes
 from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, check_finite, check_latent_for_model,
                      loss_curve, rgb_to_image, save_numbered, send_text)
-from .patching import adaptable_layers, apply_to_model, check_fit, model_family
+from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
 from .training import Dataset, TrainSettings, train
 
 log = logging.getLogger("sparse_atoms")
@@ -32,7 +32,7 @@ def build_dictionary(model, preset: str, layer_regex: str, atoms_per_layer: int,
     regex = presets.preset_regex(family, preset, layer_regex)
     chosen = presets.select_layers(list(layers), regex, family=f"{family}: {architecture}", preset=preset)
     device = model.load_device
-    weights = {key: layers[key].weight.detach().to(device) for key in chosen}
+    weights = {key: weight.to(device) for key, weight in model_weights(model, chosen).items()}
     atoms = sc.build_atoms(weights, atoms_per_layer, method, seed=seed, fit_to_layer=True,
                            info=sc.AtomsInfo(architecture=architecture), progress=progress)
     atoms = atoms.to("cpu")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
+import comfy.lora
 import comfy.model_management
+import comfy.utils
 from comfy.weight_adapter import WeightAdapterBase
 
 import sparse_core as sc
@@ -116,6 +118,27 @@ def model_family(model_patcher) -> tuple[str, str]:
     name = getattr(config, "sparse_atoms_architecture", None) or (
         type(config).__name__ if config is not None else type(model_patcher.model).__name__)
     return family_of(diffusion), name
+
+
+def model_weights(model_patcher, keys) -> dict[str, torch.Tensor]:
+    """``{key: weight (out, in, *kernel)}`` for layer ``keys`` (``"diffusion_model.<module>"``) as
+    this MODEL holds them: the checkpoint's weight plus this patcher's own patches (a LoRA loaded
+    before, say), computed as loading computes them (``comfy.lora.calculate_weight``, fp32).
+
+    Not the module's ``weight`` as it stands: clones of one model share its modules, and the clone
+    ComfyUI loaded last (the patched model a sampler just ran) keeps its patches merged into them
+    until another clone loads; ComfyUI's backup of the weights (shared by all clones) holds the
+    checkpoint's own meanwhile."""
+    weights = {}
+    for key in keys:
+        name = f"{key}.weight"
+        saved = model_patcher.backup.get(name)
+        weight = saved.weight if saved is not None else comfy.utils.get_attr(model_patcher.model, name)
+        if name in model_patcher.patches:
+            weight = comfy.lora.calculate_weight(model_patcher.patches[name],
+                                                 weight.to(torch.float32, copy=True), name)
+        weights[key] = weight.detach()
+    return weights
 
 
 def check_fit(model_patcher, atoms: sc.SparseAtoms) -> None:

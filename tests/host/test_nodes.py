@@ -222,3 +222,26 @@ def test_training_is_deterministic_for_a_fixed_seed(node_classes):
         assert torch.equal(first[key].coefficients, second[key].coefficients)
         assert torch.equal(first[key].atoms, second[key].atoms)
     assert any(not torch.equal(first[k].coefficients, other[k].coefficients) for k in first)
+
+
+def test_the_dictionary_comes_from_the_models_own_weights(node_classes):
+    """Clones of a model share its modules, and the clone a sampler ran last keeps its patches
+    merged into them until another loads: Build Atom Dictionary must read the model's own
+    weights all the same (else a second graph in one server trains on another dictionary), and
+    the weights of the MODEL it is given (the base plus that MODEL's own patches)."""
+    model = tiny_models.build("sd15")
+    atoms = build(node_classes, model)
+    trained = train(node_classes, "sd15", model, atoms, steps=10)[1]
+    applied = run_node(node_classes["SparseAtoms_Apply"], model=model, sparse_atoms=trained,
+                       strength=1.0, density=1.0)[0]
+    key = next(iter(trained))
+    before = model.model.state_dict()[f"{key}.weight"].clone()
+    mm.load_models_gpu([applied], force_full_load=True)  # as KSampler leaves it
+    assert not torch.equal(model.model.state_dict()[f"{key}.weight"], before)  # merged in place
+    again = build(node_classes, model)
+    for name in atoms:
+        assert torch.equal(again[name].atoms, atoms[name].atoms), name
+        assert torch.equal(again[name].readouts, atoms[name].readouts), name
+    patched = build(node_classes, applied)  # W + delta W: the trained layers' dictionaries change
+    assert all(not torch.equal(patched[name].atoms, atoms[name].atoms) for name in trained)
+    assert all(torch.equal(patched[name].atoms, atoms[name].atoms) for name in atoms if name not in trained)
