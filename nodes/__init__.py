@@ -1,8 +1,9 @@
 """ComfyUI nodes: thin V3 wrappers over ``sparse_core`` (imported only inside ComfyUI)."""
 
 from .atom_nodes import NODES as ATOM_NODES
+from .data_nodes import NODES as DATA_NODES
 from .digits_nodes import NODES as DIGITS_NODES
 from .effect_nodes import NODES as EFFECT_NODES
 from .file_nodes import NODES as FILE_NODES
 
-NODE_LIST = [*ATOM_NODES, *EFFECT_NODES, *FILE_NODES, *DIGITS_NODES]
+NODE_LIST = [*ATOM_NODES, *DATA_NODES, *EFFECT_NODES, *FILE_NODES, *DIGITS_NODES]

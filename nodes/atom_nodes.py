@@ -127,6 +127,15 @@ class TrainSparseConcept(io.ComfyNode):
                                tooltip="Compute dtype of the model during training (atoms stay fp32)."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Less memory, about a third more time per step."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.95, step=0.05,
+                               optional=True,
+                               tooltip="Share of the concept's images trained under the empty "
+                                       "prompt each step (as base models are trained): teach a "
+                                       "style with 0.3 so guidance does not exaggerate it. Needs "
+                                       "empty_conditioning."),
+                io.Conditioning.Input("empty_conditioning", optional=True,
+                                      tooltip="The empty prompt's conditioning (your negative "
+                                              "prompt encoder on ''), for caption_dropout."),
             ],
             outputs=[io.Model.Output("trained_model", display_name="MODEL"),
                      SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS"),
@@ -137,8 +146,10 @@ class TrainSparseConcept(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
-                atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0):
-        check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1, prior_weight=prior_weight)
+                atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
+                caption_dropout=0.0, empty_conditioning=None):
+        check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
+                     prior_weight=prior_weight, caption_dropout=caption_dropout)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
         check_latent_for_model(model, concept.latents, "latents", "Train Sparse Concept")
         prior = None
@@ -147,6 +158,14 @@ class TrainSparseConcept(io.ComfyNode):
         if prior_latents is not None:
             prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
             check_latent_for_model(model, prior.latents, "prior_latents", "Train Sparse Concept")
+        empty = None
+        if caption_dropout > 0:
+            if not empty_conditioning or len(empty_conditioning) != 1:
+                given = "none" if not empty_conditioning else f"{len(empty_conditioning)} entries"
+                raise ValueError(f"Train Sparse Concept: caption_dropout {caption_dropout:g} trains "
+                                 "images under the empty prompt: wire its CONDITIONING (one entry, "
+                                 f"e.g. your text encoder on '') to empty_conditioning (got {given})")
+            empty = empty_conditioning[0]
         atoms = atom_dict
         if atoms is None:
             atoms, report = build_dictionary(model, "cross-attention k/v", "", 32, "svd", seed)
@@ -156,7 +175,7 @@ class TrainSparseConcept(io.ComfyNode):
         settings = TrainSettings(steps=steps, lr=learning_rate, batch=batch_size, l1=l1,
                                  budget=atom_budget or None, train_atoms=tune_atoms, seed=seed,
                                  dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
-                                 prior_weight=prior_weight)
+                                 prior_weight=prior_weight, caption_dropout=caption_dropout)
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(steps)
         started = time.time()
@@ -167,7 +186,7 @@ class TrainSparseConcept(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         try:
-            trained, result = train(model, atoms, concept, settings, prior, on_step)
+            trained, result = train(model, atoms, concept, settings, prior, on_step, empty)
         except comfy.model_management.InterruptProcessingException as interrupt:
             _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
             raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,23 @@ TRAINING_DTYPES = ("fp32", "bf16")
 @dataclass(kw_only=True)
 class TrainSettings(sc.TrainConfig):
     """A :class:`sparse_core.TrainConfig` plus how ComfyUI runs the model: its compute ``dtype``
-    during training (the atoms stay fp32) and gradient checkpointing."""
+    during training (the atoms stay fp32) and gradient checkpointing; and ``caption_dropout``,
+    the share of concept images each step trains under the empty prompt instead of their own (as
+    base models are trained, so classifier-free guidance's unconditional branch knows the new
+    images too; without it guidance exaggerates a style it never saw)."""
 
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
+    caption_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
+        dropout = self.caption_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"caption_dropout must be a number, got {type(dropout).__name__}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {dropout}")
+        self.caption_dropout = float(dropout)
         if self.dtype not in TRAINING_DTYPES:
             raise ValueError(f"training dtype must be one of {list(TRAINING_DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.gradient_checkpointing, bool):
@@ -103,7 +114,8 @@ def _sampler_inputs(model_wrap, latent_image, seed):
 
 def _by_condition(cond_of, indices):
     """``(cond_index, [image indices])`` for the images ``indices``, one group per conditioning
-    (``cond_of[i]`` is image ``i``'s), in conditioning order: one forward per group."""
+    (``cond_of[i]`` is image ``i``'s: a list, or a dict for this step's images), in conditioning
+    order: one forward per group."""
     for cond_index in sorted({cond_of[i] for i in indices}):
         yield cond_index, [i for i in indices if cond_of[i] == cond_index]
 
@@ -119,9 +131,10 @@ def _denoise(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
 class _TrainingSampler(comfy.samplers.Sampler):
     """Runs :func:`sparse_core.train_atoms` where a sampler would run its steps."""
 
-    def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved):
+    def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved, empty_index=None):
         self.atoms, self.settings, self.n_concept = atoms, settings, n_concept
         self.cond_of, self.on_step, self.copy_saved = cond_of, on_step, copy_saved
+        self.empty_index = empty_index  # the empty prompt's conditioning, for caption dropout
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
@@ -132,11 +145,12 @@ class _TrainingSampler(comfy.samplers.Sampler):
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
 
-        def group_loss(indices, generator, levels=None):
-            """Mean prediction error over images ``indices``, one forward per conditioning; noise
-            levels ``levels[i]`` in [0, 1] per image when given, else drawn uniformly."""
+        def group_loss(indices, generator, levels=None, cond_of=None):
+            """Mean prediction error over images ``indices``, one forward per conditioning
+            (``cond_of``, default each image's own); noise levels ``levels[i]`` in [0, 1] per
+            image when given, else drawn uniformly."""
             total_loss = 0.0
-            for cond_index, chosen in _by_condition(self.cond_of, indices):
+            for cond_index, chosen in _by_condition(cond_of or self.cond_of, indices):
                 x0 = x0_all[chosen]
                 noise_ = torch.randn(x0.shape, generator=generator).to(x0)
                 percents = [levels[i] for i in chosen] if levels else \
@@ -151,8 +165,13 @@ class _TrainingSampler(comfy.samplers.Sampler):
             return total_loss / len(indices)
 
         def loss_fn(step):
-            order = torch.randperm(self.n_concept, generator=generator)
-            concept = group_loss(order[: settings.batch].tolist(), generator)
+            chosen = torch.randperm(self.n_concept, generator=generator)[: settings.batch].tolist()
+            cond_of = None
+            if settings.caption_dropout > 0:  # drawn only then: without it, the same stream
+                dropped = torch.rand(len(chosen), generator=generator) < settings.caption_dropout
+                cond_of = {i: self.empty_index if drop else self.cond_of[i]
+                           for i, drop in zip(chosen, dropped.tolist())}
+            concept = group_loss(chosen, generator, cond_of=cond_of)
             if total > self.n_concept and settings.prior_weight > 0:
                 prior = torch.randperm(total - self.n_concept, generator=generator) + self.n_concept
                 return {"concept": concept, "prior": settings.prior_weight *
@@ -214,10 +233,14 @@ def _broadcast_conds(conds: list, count: int, what: str) -> list:
 
 
 def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
-          prior: Dataset | None = None, on_step=None):
+          prior: Dataset | None = None, on_step=None, empty_cond=None):
     """Train a copy of ``atoms`` on ``concept`` (and ``prior``); returns (atoms, TrainingResult).
 
-    ``on_step(step, loss)`` runs after every step (progress, cancel)."""
+    ``on_step(step, loss)`` runs after every step (progress, cancel); ``empty_cond`` (one
+    CONDITIONING entry, the empty prompt's) is what ``settings.caption_dropout`` trains under."""
+    if settings.caption_dropout > 0 and empty_cond is None:
+        raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
+                         "conditioning (empty_conditioning)")
     concept_conds = _broadcast_conds(concept.conds, len(concept.latents), "Train Sparse Concept")
     latents, conds = [concept.latents], concept_conds
     if prior is not None:
@@ -227,10 +250,14 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
         latents.append(prior.latents)
         conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
     unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
+    empty_index = None
+    if settings.caption_dropout > 0:
+        unique.append(empty_cond)
+        empty_index = len(unique) - 1
 
     try:
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=False)
+                      on_step, copy_saved=False, empty_index=empty_index)
     except RuntimeError as error:
         if "modified by an inplace operation" not in str(error):
             raise
@@ -240,10 +267,11 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
                     "needs (%s); training again from the start, keeping copies of them (more "
                     "memory)", str(error).splitlines()[0][:200])
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=True)
+                      on_step, copy_saved=True, empty_index=empty_index)
 
 
-def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved):
+def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved,
+           empty_index=None):
     patcher = model.clone()
     if settings.dtype == "bf16":
         patcher.set_model_compute_dtype(torch.bfloat16)
@@ -257,7 +285,8 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         data = torch.cat([t.detach().clone() for t in latents]).float()
         guider = custom_sampler.Guider_Basic(patcher)
         guider.set_conds([_clone_cond(cond) for cond in unique])  # indexed by cond_of
-        sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved)
+        sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved,
+                                   empty_index)
         noise = torch.zeros_like(data)
         try:
             with _checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,
