@@ -18,3 +18,19 @@ def run_node(node_class, **inputs):
     with torch.inference_mode():
         output = prepared.execute(**inputs)
     return output
+
+
+def saved_digits(server, entry, node: str) -> torch.Tensor:
+    """The images SaveImage ``node`` of history ``entry`` wrote, as digits ``(N, 1, 8, 8)`` in
+    ``[-1, 1]`` (Digits to Image's nearest-neighbour upscale undone by averaging each block)."""
+    import numpy as np
+    from PIL import Image
+
+    digits = []
+    for image in entry["outputs"][node]["images"]:
+        path = os.path.join(server.base, image["type"], image.get("subfolder", ""), image["filename"])
+        grey = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)
+        scale = grey.shape[0] // 8
+        assert grey.shape == (8 * scale, 8 * scale), (path, tuple(grey.shape))
+        digits.append(grey.reshape(8, scale, 8, scale).mean((1, 3))[None, None] * 2 - 1)
+    return torch.cat(digits)

@@ -1,12 +1,10 @@
 """Measured atom effects in ComfyUI: Measure Atom Effects on tiny SD1.5, SDXL, Flux and SD3 models
 and on the digits model, trained / loaded / atomized atoms, Train Sparse Concept's own ranking,
-cancel, bad inputs, and the LoRA-pruning workflow through a real server."""
+cancel and bad inputs (the LoRA-pruning workflow runs through a real server in test_server.py)."""
 
 import importlib
-import json
 import math
 import os
-import pathlib
 from dataclasses import replace
 
 import pytest
@@ -20,7 +18,6 @@ import sparse_core as sc
 import tiny_models
 from host_support import run_node
 
-API = pathlib.Path(__file__).parent / "workflows_api"
 
 
 @pytest.fixture(scope="module")
@@ -280,28 +277,3 @@ def test_bad_inputs_are_clear_errors(node_classes):
     with pytest.raises(ValueError, match=r"^Measure Atom Effects: the model's prediction on "
                                          r"calibration_latents is NaN or inf .*largest \|value\| 1e\+30"):
         measure(node_classes, sd15, atoms, "sd15", calibration_latents=huge)
-
-
-def test_node_schema_has_a_tooltip_and_bounds_on_every_input(server):
-    entry = server.get("/object_info")["SparseAtoms_MeasureEffects"]
-    assert entry["display_name"] == "Measure Atom Effects"
-    assert entry["output"] == ["SPARSE_ATOMS", "IMAGE"]
-    for name, spec in {**entry["input"]["required"], **entry["input"].get("optional", {})}.items():
-        options = spec[1] if len(spec) > 1 else {}
-        assert options.get("tooltip"), name
-        if spec[0] in ("INT", "FLOAT"):
-            assert "min" in options and "max" in options, name
-
-
-def test_lora_pruning_workflow_runs_to_success(server):
-    graph = json.loads((API / "digits_lora_pruning.json").read_text())
-    entry = server.run(graph, timeout=900)
-    assert "execution_success" in server.messages(entry), server.log_tail()
-    outputs = entry["outputs"]
-    assert "effects of" in outputs["8"]["text"][0]
-    n_atoms = int(outputs["8"]["text"][0].split("effects of ")[1].split(" atoms")[0])
-    assert outputs["10"]["text"][0].startswith(f"{math.ceil(0.25 * n_atoms)} of {n_atoms} atoms kept")
-    for node_id in ("9", "16", "20"):  # the explorer grid, the pruned and the full LoRA's samples
-        image = outputs[node_id]["images"][0]
-        folder = os.path.join(server.base, image["type"], image.get("subfolder", ""))
-        assert os.path.getsize(os.path.join(folder, image["filename"])) > 0

@@ -1,17 +1,17 @@
 """The divergence guard through a real ComfyUI server: the digits concept graph at four learning
 rates (the cases an outside probe found broken), sampling the concept ("sks" -> a 3) and
 preservation ("7" -> a 7) from what Train Sparse Concept returns, judged by the digits
-evaluator (fit on real digits only). Whenever the guard stops, the atoms it keeps must still
-draw both, or the node must fail saying that no working state was reached."""
+evaluator (fit on real digits only). At the shipped rate (0.003) the node must succeed and draw
+both; at the others, whenever the guard stops, the atoms it keeps must still draw both, or the node
+must fail saying that no working state was reached."""
 
 import copy
 import json
-import os
 import pathlib
 
-import numpy as np
 import pytest
-import torch
+
+from host_support import saved_digits
 
 API = pathlib.Path(__file__).parent / "workflows_api" / "digits_concept.json"
 SAMPLES = 32
@@ -45,18 +45,6 @@ def guarded_graph(lr, steps, dtype):
     return graph
 
 
-def saved_digits(server, entry, node):
-    """The images SaveImage ``node`` wrote, as digits ``(N, 1, 8, 8)`` in [-1, 1]."""
-    from PIL import Image
-
-    images = []
-    for image in entry["outputs"][node]["images"]:
-        path = os.path.join(server.base, "output", image.get("subfolder", ""), image["filename"])
-        grey = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
-        images.append(torch.from_numpy(grey * 2 - 1)[None, None])
-    return torch.cat(images)
-
-
 @pytest.mark.parametrize("lr, steps, dtype", [(0.003, 150, "fp32"), (0.03, 300, "fp32"),
                                               (0.1, 150, "fp32"), (0.3, 100, "bf16")],
                          ids=["lr0.003", "lr0.03", "lr0.1", "lr0.3-bf16"])
@@ -64,7 +52,7 @@ def test_what_the_guard_keeps_still_draws_the_concept_and_the_other_digits(serve
                                                                             steps, dtype):
     entry = server.run(guarded_graph(lr, steps, dtype), timeout=900)
     messages = server.messages(entry)
-    if "execution_error" in messages:
+    if "execution_error" in messages and lr > 0.003:  # the shipped rate must train
         error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
         assert error["node_type"] == "SparseAtoms_TrainConcept", error
         assert "no working state was reached" in error["exception_message"], error

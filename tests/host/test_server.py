@@ -1,10 +1,13 @@
 """A headless ComfyUI server with the extension: node registry, and graphs through POST /prompt."""
 
 import json
+import math
 import os
 import pathlib
 
 import pytest
+
+from host_support import saved_digits
 
 
 API = pathlib.Path(__file__).parent / "workflows_api"
@@ -23,6 +26,7 @@ NODES = {
     "SparseAtoms_DigitsToImage": ("Digits to Image", ["IMAGE"]),
     "SparseAtoms_ImageToDigitsLatent": ("Image to Digits Latent", ["LATENT"]),
     "SparseAtoms_DigitExamples": ("Digit Examples", ["LATENT", "CONDITIONING"]),
+    "SparseAtoms_MeasureEffects": ("Measure Atom Effects", ["SPARSE_ATOMS", "IMAGE"]),
 }
 
 
@@ -43,17 +47,44 @@ def test_object_info_lists_every_node_with_its_types(server):
     assert info["SparseAtoms_Apply"]["input"]["required"]["sparse_atoms"][0] == "SPARSE_ATOMS"
 
 
-@pytest.mark.parametrize("name", ["digits_concept", "digits_editing", "digits_composition"])
-def test_digits_workflows_run_to_success(server, name):
+@pytest.fixture(scope="module")
+def evaluator():
+    from digits.evaluator import DigitEvaluator
+
+    return DigitEvaluator.fit()
+
+
+# What each shipped digits graph must draw: {SaveImage node: (digit, bold or not, least share)},
+# judged by the digits evaluator (classifiers fit on real digits only) on every image it saves.
+DRAWS = {
+    "digits_concept": {"11": (3, None, 0.8)},  # "sks", taught from eight 3s
+    "digits_editing": {"12": (1, None, 0.8)},  # "1" after a 7 was taught: the edit keeps it a 1
+    "digits_composition": {"16": (3, True, 0.7)},  # "bold sks": concept and style composed
+    "digits_lora_pruning": {"16": (3, None, 0.8), "20": (3, None, 0.8)},  # pruned, full LoRA
+}
+
+
+@pytest.mark.parametrize("name", list(DRAWS))
+def test_digits_workflows_draw_what_they_promise(server, evaluator, name):
+    """The graphs a user opens (workflows/*.json queue exactly these, see test_browser.py)."""
     graph = json.loads((API / f"{name}.json").read_text())
     entry = server.run(graph, timeout=900)
     assert "execution_success" in server.messages(entry), server.log_tail()
-    saved = [node for node in entry["outputs"].values() if node.get("images")]
-    assert saved, "no image was produced"
-    for node in saved:
-        for image in node["images"]:
-            folder = os.path.join(server.base, image["type"], image.get("subfolder", ""))
-            assert os.path.getsize(os.path.join(folder, image["filename"])) > 0
+    for node, (digit, bold, least) in DRAWS[name].items():
+        images = saved_digits(server, entry, node)
+        share = evaluator.classify(images) == digit
+        if bold is not None:
+            share &= evaluator.is_bold(images) == bold
+        print(name, node, len(images), float(share.float().mean()))
+        assert len(images) >= 16 and float(share.float().mean()) >= least, \
+            (name, node, evaluator.classify(images).tolist(), evaluator.is_bold(images).tolist())
+    if name == "digits_lora_pruning":
+        outputs = entry["outputs"]
+        n_atoms = int(outputs["8"]["text"][0].split("effects of ")[1].split(" atoms")[0])
+        assert outputs["10"]["text"][0].startswith(f"{math.ceil(0.25 * n_atoms)} of {n_atoms} atoms kept")
+        grid = outputs["9"]["images"][0]  # the explorer's grid
+        assert os.path.getsize(os.path.join(server.base, grid["type"], grid.get("subfolder", ""),
+                                            grid["filename"])) > 0
 
 
 @pytest.mark.parametrize("name, missing", [
