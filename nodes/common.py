@@ -164,7 +164,7 @@ def check_finite(node: str, **values) -> None:
 def check_latent_for_model(model, samples: torch.Tensor, input_name: str, node: str) -> None:
     """``samples (B, C, H, W)`` must have the channels of ``model``'s latents
     (``latent_format.latent_channels``) and a size its diffusion model can run (see
-    :data:`SMALLEST_LATENT`), or a ValueError says which input is wrong and what would do."""
+    :data:`LATENT_RULES`), or a ValueError says which input is wrong and what would do."""
     expected = getattr(getattr(model.model, "latent_format", None), "latent_channels", None)
     architecture = model_family(model)[1]
     if expected is not None and samples.ndim >= 2 and samples.shape[1] != expected:

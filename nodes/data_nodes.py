@@ -8,6 +8,7 @@ import torch
 from comfy_api.latest import io
 
 from .common import CATEGORY
+from .training import _broadcast_conds
 
 NODE = "Join Training Data"
 SETS = 4
@@ -55,7 +56,7 @@ class JoinTrainingData(io.ComfyNode):
                 raise ValueError(f"{NODE}: conditioning_{k} has {len(cond)} entries for "
                                  f"{len(samples)} images in latents_{k}: give one, or one per image")
             latents.append(samples)
-            conds += list(cond) * len(samples) if len(cond) == 1 else list(cond)
+            conds += _broadcast_conds(cond, len(samples), f"{NODE}: conditioning_{k}")
         return io.NodeOutput({"samples": torch.cat(latents)}, conds)
 
 

@@ -365,12 +365,11 @@ def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool, copy_inputs: 
     collect(diffusion_model)
     originals = []
     for block in blocks:
-        forward = block.forward
+        forward = _on_copies(block.forward) if copy_inputs else block.forward
         originals.append((block, block.__dict__.get("forward")))
 
         def checkpointed(*args, __forward=forward, **kwargs):
-            run = _on_copies(__forward) if copy_inputs else __forward
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(__forward, *args, use_reentrant=False, **kwargs)
 
         block.forward = checkpointed
     try:

@@ -10,6 +10,15 @@ COMFYUI_PATH = os.path.abspath(os.environ["COMFYUI_PATH"])
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
+def node_module(node_classes, name: str):
+    """The extension's module ``nodes.<name>`` as ComfyUI loaded it (under the folder's name)."""
+    import importlib
+    import sys
+
+    package = sys.modules[node_classes["SparseAtoms_Apply"].__module__].__package__
+    return importlib.import_module(f"{package}.{name}")
+
+
 def run_node(node_class, **inputs):
     """Call a V3 node as the executor does (inside torch.inference_mode) and return its outputs."""
     from comfy_api.latest import io

@@ -9,7 +9,7 @@ import comfy.model_patcher
 import nodes as comfy_nodes
 
 import tiny_models
-from host_support import run_node
+from host_support import node_module, run_node
 from test_nodes import applied_weights, build, patched_weights, train
 
 # (stored weight dtype, compute dtype ComfyUI casts to; None = compute in the weight's dtype)
@@ -85,13 +85,9 @@ def test_train_apply_export_with_low_precision_weights(node_classes, comfy_dirs,
 def test_weight_wrapper_follows_its_module_to_a_device(node_classes, target):
     """ComfyUI moves weight functions with their module (``move_to``): the atoms go along, as the
     same tensor objects (an optimizer holding them keeps working), and report their bytes."""
-    import importlib
-    import sys
-
     import sparse_core as sc
 
-    package = sys.modules[node_classes["SparseAtoms_Apply"].__module__].__package__
-    patching = importlib.import_module(f"{package}.patching")
+    patching = node_module(node_classes, "patching")
     layer = sc.build_layer(torch.randn(6, 5), 3, "svd")
     layer.coefficients.requires_grad_(True)
     wrapper = patching.AtomsWeightWrapper(layer)

@@ -2,7 +2,6 @@
 and on the digits model, trained / loaded / atomized atoms, Train Sparse Concept's own ranking,
 cancel and bad inputs (the LoRA-pruning workflow runs through a real server in test_server.py)."""
 
-import importlib
 import math
 import os
 from dataclasses import replace
@@ -16,16 +15,14 @@ import folder_paths
 
 import sparse_core as sc
 import tiny_models
-from host_support import run_node
+from host_support import node_module, run_node
 
 
 
 @pytest.fixture(scope="module")
 def ours(node_classes):
     """Our ``nodes.effects`` / ``nodes.explorer`` / ``nodes.patching`` modules as ComfyUI loaded them."""
-    package = node_classes["SparseAtoms_MeasureEffects"].__module__.rpartition(".")[0]
-    return {name: importlib.import_module(f"{package}.{name}")
-            for name in ("effects", "explorer", "patching")}
+    return {name: node_module(node_classes, name) for name in ("effects", "explorer", "patching")}
 
 
 def random_atoms(node_classes, model, n_atoms=4, scale=0.5, seed=0):

@@ -2,7 +2,6 @@
 short runs request fewer exact ablations and probes (down to fixed minimums), long runs the full
 ones, and the atoms record what was used."""
 
-import importlib
 from dataclasses import replace
 
 import pytest
@@ -10,20 +9,18 @@ import torch
 
 import sparse_core as sc
 import tiny_models
-from host_support import run_node
+from host_support import node_module, run_node
 
 
 @pytest.fixture(scope="module")
 def effects(node_classes):
     """Our ``nodes.effects`` as ComfyUI loaded it."""
-    package = node_classes["SparseAtoms_TrainConcept"].__module__.rpartition(".")[0]
-    return importlib.import_module(f"{package}.effects")
+    return node_module(node_classes, "effects")
 
 
 @pytest.fixture(scope="module")
 def training(node_classes):
-    package = node_classes["SparseAtoms_TrainConcept"].__module__.rpartition(".")[0]
-    return importlib.import_module(f"{package}.training")
+    return node_module(node_classes, "training")
 
 
 def concept(training, count=4):

@@ -11,15 +11,8 @@ import comfy.model_sampling as ms
 from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
 
 import tiny_models
+from host_support import node_module
 from test_nodes import build, train
-
-
-def training_module(node_classes):
-    import importlib
-    import sys
-
-    package = sys.modules[node_classes["SparseAtoms_Apply"].__module__].__package__
-    return importlib.import_module(f"{package}.training")
 
 
 @pytest.mark.parametrize("arch, overrides", [("sd3", {"qk_norm": "rms"}), ("flux", {})],
@@ -69,7 +62,7 @@ def test_pixart_below_its_smallest_size_is_refused_by_name(node_classes):
 
 
 def test_prediction_scale_is_the_slope_of_each_models_denoised_prediction(node_classes):
-    scale = training_module(node_classes).prediction_scale
+    scale = node_module(node_classes, "training").prediction_scale
     sigma = torch.tensor([0.03, 1.0, 14.6])
 
     class V(ms.ModelSamplingDiscrete, ms.V_PREDICTION):

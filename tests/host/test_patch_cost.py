@@ -3,7 +3,6 @@
 weight-sized temporary where ComfyUI patches its fp32 working copy (what made Apply's patch slower
 than a stock LoRA's on a full-size model)."""
 
-import importlib
 
 import pytest
 import torch
@@ -11,12 +10,12 @@ import torch
 import comfy.lora
 
 import sparse_core as sc
+from host_support import node_module
 
 
 @pytest.fixture(scope="module")
 def patching(node_classes):
-    package = node_classes["SparseAtoms_Apply"].__module__.rpartition(".")[0]
-    return importlib.import_module(f"{package}.patching")
+    return node_module(node_classes, "patching")
 
 
 def layer_for(shape, n_atoms=4, seed=0):

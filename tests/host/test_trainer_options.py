@@ -1,19 +1,12 @@
 """Train Sparse Concept's training options on the real model-patcher: caption dropout to the empty
 prompt (the share, which images, the default unchanged, bad wiring)."""
 
-import importlib
-import sys
-
 import pytest
 import torch
 
 import tiny_models
+from host_support import node_module, run_node
 from test_nodes import build, train
-
-
-def training_module(node_classes):
-    package = sys.modules[node_classes["SparseAtoms_Apply"].__module__].__package__
-    return importlib.import_module(f"{package}.training")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,7 @@ def sd15(node_classes):
 
 def recorded_prompts(node_classes, monkeypatch):
     """Every forward the trainer makes, as (context tensor's first value, images in the batch)."""
-    training = training_module(node_classes)
+    training = node_module(node_classes, "training")
     calls, denoise = [], training._denoise
 
     def recording(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
@@ -78,8 +71,6 @@ def test_dropout_without_the_empty_prompt_is_refused_by_name(node_classes, sd15)
 
 
 def test_join_training_data_gives_every_image_its_prompt(node_classes):
-    from host_support import run_node
-
     join = node_classes["SparseAtoms_JoinTrainingData"]
     one, per_image = tiny_models.conditioning("sd15", seed=1), tiny_models.conditioning("sd15", seed=2) * 3
     first, second = tiny_models.latents("sd15", count=2), tiny_models.latents("sd15", count=3, seed=1)
