@@ -6,7 +6,11 @@
 Runs ``tests/host/workflows_api/digits_composition.json`` (what ``workflows/digits_composition.json``
 queues) with every seed in the graph (examples, dictionaries, training, samplers) moved by
 ``10 * seed``, each seed on a fresh server, and judges the 32 "bold sks" samples with the digits
-evaluator (classifiers fit on real digits only): the share that are 3s, bold, and both.
+evaluator (classifiers fit on real digits only): the share that are 3s, bold, and both; and, as
+an outside evaluator would, against all real 3s made bold (:func:`digits.data.embolden`) with
+:mod:`digits.quality`: a 1-nearest-neighbour two-sample test (0.5 = indistinguishable), the
+samples' mean pairwise correlation (diversity) and the Fréchet distance, each beside its
+real-vs-real value for sets of the same size.
 ``--variant before`` drops what the recipe adds (caption dropout, the concept under attribute
 words, the other free words in the priors, 400 steps at batch 16) to show what each run would
 draw without it.
@@ -59,14 +63,29 @@ def main(argv=None):
     import conftest  # noqa: F401  (ComfyUI first on the path, CPU)
     sys.path.append(REPO)
     from comfy_server import ComfyServer
+    import torch
+
+    from digits import quality
+    from digits.data import embolden, load_digits
     from digits.evaluator import DigitEvaluator
     from host_support import saved_digits
 
     evaluator = DigitEvaluator.fit()
+    images, labels = load_digits()
+    real = embolden(images[labels == 3])  # every real 3, bold
+    space = quality.FeatureSpace.of_digits()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(real), generator=generator)
+    floor = dict(two_sample=quality.two_sample_accuracy(real[order[:32]], real[order[32:64]]),
+                 pairwise=quality.real_diversity(real, 32).mean_pairwise,
+                 frechet=quality.real_floor(real, 32, space).frechet)
     graph = json.load(open(GRAPH))
     if args.variant == "before":
         graph = before(graph)
-    print(f"| seed | 3 and bold | 3 | bold | seconds |  ({args.variant})\n|---|---|---|---|---|")
+    print(f"| seed | 3 and bold | 3 | bold | 1-NN two-sample vs real | pairwise corr | Fréchet "
+          f"| seconds |  ({args.variant})\n|---|---|---|---|---|---|---|---|")
+    print(f"| real bold 3s | | | | {floor['two_sample']:.2f} | {floor['pairwise']:.2f} | "
+          f"{floor['frechet']:.2f} | |")
     for seed in [int(s) for s in args.seeds.split(",")]:
         server = ComfyServer(os.environ["COMFYUI_PATH"]).start()  # fresh: nothing cached
         try:
@@ -79,8 +98,12 @@ def main(argv=None):
             three = evaluator.classify(images) == 3
             bold = evaluator.is_bold(images)
             share = lambda mask: f"{100 * float(mask.float().mean()):.0f} %"
+            two_sample = quality.two_sample_accuracy(images, real[order[:32]])
+            pairwise = quality.diversity(images).mean_pairwise
+            frechet = quality.distance(images, real, space).frechet
             print(f"| {seed} | {share(three & bold)} | {share(three)} | {share(bold)} | "
-                  f"{time.time() - start:.0f} |", flush=True)
+                  f"{two_sample:.2f} | {pairwise:.2f} | {frechet:.2f} | {time.time() - start:.0f} |",
+                  flush=True)
         finally:
             server.stop()
 

@@ -14,7 +14,9 @@ flattened to ``(n, n_features)``). Three questions, each with a real-data value 
   kernel whose bandwidth is fixed from the real digits (:func:`mmd2`). Both are biased by small
   sample counts in their own ways, so :func:`real_floor` gives the value between two disjoint sets
   of real images of the sizes compared: a generator that draws the real distribution scores about
-  the floor.
+  the floor;
+- **two-sample test**: can a 1-nearest-neighbour rule tell the samples from real images
+  (:func:`two_sample_accuracy`: 0.5 = no, 1.0 = always)?
 
 Correlations are Pearson's over pixels (each image centred and scaled to unit norm); statistics
 are computed in float64 (covariances of 64-200 samples, matrix square roots) and returned as floats.
@@ -192,6 +194,20 @@ def mmd2(a: torch.Tensor, b: torch.Tensor, bandwidth: float) -> float:
     kernel = lambda x, y: torch.exp(-torch.cdist(x, y).pow(2) / (2 * bandwidth ** 2))
     within = lambda x: (kernel(x, x).sum() - len(x)) / (len(x) * (len(x) - 1))  # diagonal is 1
     return float(within(a) + within(b) - 2 * kernel(a, b).mean())
+
+
+def two_sample_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Leave-one-out 1-nearest-neighbour accuracy telling set ``a (n_a, ...)`` from ``b (n_b, ...)``
+    by pixel distance (Lopez-Paz & Oquab, ICLR 2017): about 0.5 for two draws of one distribution,
+    1.0 when every image's nearest neighbour comes from its own set."""
+    for name, x in (("a", a), ("b", b)):
+        if len(x) < 2:
+            raise ValueError(f"{name} needs at least 2 images, got {len(x)}")
+    x = torch.cat([a, b]).detach().cpu().double().flatten(1)
+    label = torch.cat([torch.zeros(len(a)), torch.ones(len(b))])
+    d = torch.cdist(x, x)
+    d.fill_diagonal_(float("inf"))
+    return float((label[d.argmin(1)] == label).double().mean())
 
 
 @dataclass(frozen=True)

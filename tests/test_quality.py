@@ -14,7 +14,8 @@ from repo_support import REPO
 from digits import glyphs
 from digits.data import images_of, load_digits
 from digits.quality import (FeatureSpace, correlations, distance, diversity, frechet_distance, memorization,
-                            mmd2, real_diversity, real_floor, real_memorization, template_correlation)
+                            mmd2, real_diversity, real_floor, real_memorization, template_correlation,
+                            two_sample_accuracy)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,16 @@ def threes():
     """8 references, 64 real "samples" and the 111 other real 3s (held out), disjoint."""
     pool = images_of(3, 183, seed=0)
     return pool[:8], pool[8:72], pool[72:]
+
+
+def test_two_sample_accuracy_tells_other_images_from_real_ones(threes):
+    _, samples, held_out = threes
+    same = two_sample_accuracy(samples[:32], held_out[:32])
+    sevens = two_sample_accuracy(images_of(7, 32, seed=0), held_out[:32])
+    blurred = two_sample_accuracy(blur(samples[:32]), held_out[:32])
+    assert same < 0.7 and sevens > 0.95 and blurred > 0.9, (same, sevens, blurred)
+    copies = samples[:1].expand(32, -1, -1, -1)  # near-identical samples: each finds a copy
+    assert two_sample_accuracy(copies, held_out[:32]) >= 0.95
 
 
 def blur(images):
