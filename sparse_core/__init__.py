@@ -11,8 +11,8 @@ from ._dictionary import DictionaryLearningResult, learn_dictionary
 from ._synthetic import SyntheticSignals, atom_recovery, sparse_coded_signals
 from ._atoms import AtomLayer, AtomRanking, AtomsInfo, SparseAtoms
 from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
-from ._training import (TrainConfig, TrainingResult, budget_schedule, sparse_step_, train_atoms,
-                        trainable_parameters)
+from ._schedules import LR_SCHEDULES, budget_schedule, learning_rate_at
+from ._training import TrainConfig, TrainingResult, sparse_step_, train_atoms, trainable_parameters
 from ._atomic_write import check_folder_path, clean_temp_files, write_atomic
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
                      load_atoms, save_atoms, tensor_name)
@@ -27,8 +27,8 @@ __all__ = [
     "SyntheticSignals", "atom_recovery", "sparse_coded_signals",
     "AtomLayer", "AtomRanking", "AtomsInfo", "SparseAtoms",
     "DICTIONARY_METHODS", "build_atoms", "build_layer",
-    "TrainConfig", "TrainingResult", "budget_schedule", "sparse_step_", "train_atoms",
-    "trainable_parameters",
+    "LR_SCHEDULES", "budget_schedule", "learning_rate_at",
+    "TrainConfig", "TrainingResult", "sparse_step_", "train_atoms", "trainable_parameters",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
     "check_folder_path", "clean_temp_files", "load_atoms", "save_atoms", "tensor_name", "write_atomic",
     "importance_heatmap", "importance_table",

@@ -20,8 +20,8 @@ non-smooth parts exactly:
    as well at every atom count (2 atoms: 100 % fidelity against 90 % by weight norm; see
    bench/bench_method.py --parts budget).
 
-:func:`budget_schedule` lowers the budget gradually during training (Zhu & Gupta, 2017, *To prune,
-or not to prune*): atoms compete while the model still adapts, instead of being cut afterwards.
+:func:`budget_schedule` lowers the budget gradually during training, :func:`learning_rate_at`
+the learning rate (both in :mod:`sparse_core._schedules`).
 
 **Divergence guard.** :func:`train_atoms` stops training that broke the model and puts back the
 last state whose losses still stayed near the start's (see :mod:`sparse_core._guard`, which also
@@ -40,9 +40,9 @@ import torch
 
 from ._atoms import SparseAtoms
 from ._guard import LOWER_LR, REFERENCE_CHECKS, Guard, all_finite
+from ._schedules import LR_SCHEDULES, budget_schedule, learning_rate_at
 
-__all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "budget_schedule",
-           "TrainingResult", "train_atoms"]
+__all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "TrainingResult", "train_atoms"]
 
 BUDGET_CRITERIA = ("taylor", "weight norm")
 TAYLOR_DECAY = 0.9  # the Taylor budget's moving average keeps this much of its past per step
@@ -80,7 +80,18 @@ class TrainConfig:
     kept over the whole model), ``budget_by`` (one of :data:`BUDGET_CRITERIA`: how the budget
     ranks atoms), ``train_atoms`` / ``train_readouts`` drive :func:`train_atoms`;
     ``batch`` (images per step), ``seed`` and ``prior_weight`` (weight of the prior-preservation
-    loss) drive the front ends' loss functions. Every field is checked on construction (and by
+    loss) drive the front ends' loss functions.
+
+    Optimisation controls (the defaults are plain Adam at a constant rate, today's results bit
+    for bit): ``lr_schedule`` (one of :data:`LR_SCHEDULES`) after ``warmup_steps`` of linear
+    warmup (:func:`learning_rate_at`; the l1 threshold ``lr * l1`` follows the rate);
+    ``weight_decay`` (AdamW's decoupled decay, on the coefficients only: atoms and read-outs are
+    renormalised every step, so ``delta W`` itself shrinks by ``1 - lr * weight_decay`` per step);
+    ``grad_accumulation`` (each update averages the gradients of that many ``loss_fn`` calls: an
+    effective batch of ``batch * grad_accumulation`` at the memory of ``batch``); ``grad_clip``
+    (``None``, or the largest global gradient norm an update sees; larger ones are scaled down).
+
+    Every field is checked on construction (and by
     :func:`dataclasses.replace`): a ``TypeError`` or ``ValueError`` names the field and value;
     NaN and inf are refused.
     """
@@ -95,6 +106,11 @@ class TrainConfig:
     batch: int = 1
     seed: int = 0
     prior_weight: float = 1.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accumulation: int = 1
+    grad_clip: float | None = None
 
     def __post_init__(self):
         self.steps = _int("steps", self.steps, 1)
@@ -112,6 +128,16 @@ class TrainConfig:
         self.batch = _int("batch", self.batch, 1)
         self.seed = _int("seed", self.seed, 0)
         self.prior_weight = _number("prior_weight", self.prior_weight, positive=False)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        self.warmup_steps = _int("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps "
+                             f"({self.steps})")
+        self.weight_decay = _number("weight_decay", self.weight_decay, positive=False)
+        self.grad_accumulation = _int("grad_accumulation", self.grad_accumulation, 1)
+        if self.grad_clip is not None:
+            self.grad_clip = _number("grad_clip", self.grad_clip, positive=True)
 
 
 def trainable_parameters(atoms: SparseAtoms, *, train_atoms: bool = True,
@@ -150,22 +176,6 @@ def sparse_step_(atoms: SparseAtoms, *, l1_threshold: float = 0.0, budget: int |
             atoms[key].coefficients.mul_(keep.to(atoms[key].coefficients.device))
 
 
-def budget_schedule(step: int, total_steps: int, final_budget: int, n_atoms: int, *,
-                    start: float = 0.1, end: float = 0.6) -> int:
-    """Atoms allowed at ``step``: all of them until ``start * total_steps``, then a cubic decline
-    to ``final_budget`` at ``end * total_steps``, then ``final_budget``."""
-    if not 0 <= start <= end <= 1:
-        raise ValueError(f"need 0 <= start <= end <= 1, got start={start}, end={end}")
-    final_budget = min(final_budget, n_atoms)
-    begin, finish = start * total_steps, end * total_steps
-    if step <= begin:
-        return n_atoms
-    if step >= finish or finish == begin:
-        return final_budget
-    progress = (step - begin) / (finish - begin)
-    return final_budget + math.ceil((n_atoms - final_budget) * (1 - progress) ** 3)
-
-
 @dataclass
 class TrainingResult:
     """What :func:`train_atoms` did.
@@ -177,7 +187,10 @@ class TrainingResult:
     returned atoms; ``stopped`` says why training stopped early and which step's atoms were kept
     (``None`` when every step ran and the final atoms passed every check); ``warnings`` what the
     user should check although training ran (a risen prior-preservation loss); ``reference``
-    the starting atoms' evaluations per part (what the guard compares with).
+    the starting atoms' evaluations per part (what the guard compares with); ``learning_rates``
+    the rate of each of those steps' updates (the schedule) and ``grad_norms`` each update's
+    global gradient norm before clipping (only when ``grad_clip`` is set: it costs a
+    synchronisation per step).
     """
 
     losses: list[float] = field(default_factory=list)
@@ -187,6 +200,8 @@ class TrainingResult:
     growth: list[float] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     reference: dict[str, list[float]] = field(default_factory=dict)
+    learning_rates: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
 
     @property
     def steps_done(self) -> int:
@@ -208,11 +223,11 @@ def train_atoms(
     check_fn: Callable[[], torch.Tensor | dict[str, torch.Tensor]] | None = None,
     **fields,
 ) -> TrainingResult:
-    """The training loop every front end shares, in place on ``atoms``: Adam on
-    ``loss_fn(step)`` (a scalar computed with the atoms applied, or a dict of named scalar parts
+    """The training loop every front end shares, in place on ``atoms``: Adam (AdamW with
+    ``weight_decay``) on ``loss_fn(step)`` (called ``grad_accumulation`` times per update; a scalar computed with the atoms applied, or a dict of named scalar parts
     whose sum is the loss; the guard watches a part named ``"prior"``, the prior-preservation
-    loss, for a warning), then :func:`sparse_step_` with the l1 threshold ``lr * l1`` and the
-    :func:`budget_schedule` of ``budget`` atoms.
+    loss, for a warning), then :func:`sparse_step_` with the l1 threshold ``lr * l1`` (``lr``
+    of this step's schedule) and the :func:`budget_schedule` of ``budget`` atoms.
 
     ``config`` is a :class:`TrainConfig`; keyword ``fields`` build one or override its fields
     (``train_atoms(atoms, loss_fn, steps=100, lr=1e-2)``). The divergence guard
@@ -248,11 +263,12 @@ def train_atoms(
     if config.budget is not None and config.budget_by == "taylor":
         taylor = {key: torch.zeros_like(layer.coefficients, dtype=torch.float32)
                   for key, layer in atoms.layers.items()}
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = _optimizer(atoms, params, config)
     result = TrainingResult()
     try:
         for step in range(config.steps):
-            loss, parts = _loss(loss_fn, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss, parts = _forward_backward(loss_fn, step, config.grad_accumulation)
             problem = guard.start([parts, *_evaluations(loss_fn, 0, 0 if check else
                                                         REFERENCE_CHECKS - 1)]) if step == 0 else None
             if problem:
@@ -262,18 +278,23 @@ def train_atoms(
             if problem:
                 result.stopped = guard.restore(f"step {step + 1}", *problem)
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if not all_finite(p.grad for p in params if p.grad is not None):
                 result.stopped = guard.restore(f"step {step + 1}", "a gradient became NaN or inf",
                                                LOWER_LR, True)
                 break
             if taylor is not None:
-                _accumulate_taylor(atoms, taylor)
+                _accumulate_taylor(atoms, taylor)  # the loss's own gradient, before clipping
+            if config.grad_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                result.grad_norms.append(float(norm))
+            lr = learning_rate_at(step, config.steps, config.lr, config.lr_schedule,
+                                  config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             before = guard.coefficients()
             optimizer.step()
             stepped = guard.coefficients()
-            sparse_step_(atoms, l1_threshold=config.lr * config.l1,
+            sparse_step_(atoms, l1_threshold=lr * config.l1,
                          budget=None if config.budget is None else
                          budget_schedule(step + 1, config.steps, config.budget, atoms.n_atoms),
                          scores=taylor)
@@ -281,7 +302,8 @@ def train_atoms(
             if problem:
                 result.stopped = guard.restore(f"step {step + 1}", *problem)
                 break
-            result.losses.append(float(loss.detach()))
+            result.losses.append(loss)
+            result.learning_rates.append(lr)
             for name, part in parts.items():
                 result.parts.setdefault(name, []).append(part)
             result.growth.append(guard.max_growth)
@@ -300,11 +322,38 @@ def train_atoms(
             stripped = atoms.without_effects()
             atoms.layers, atoms.info = stripped.layers, stripped.info
     del result.losses[guard.working_step:], result.growth[guard.working_step:]
+    del result.learning_rates[guard.working_step:], result.grad_norms[guard.working_step:]
     for values in result.parts.values():
         del values[guard.working_step:]
     result.final_loss, result.reference = guard.working_loss, guard.reference
     result.warnings = guard.warnings() if result.final_loss is not None else []
     return result
+
+
+def _optimizer(atoms: SparseAtoms, params: list[torch.Tensor], config: TrainConfig):
+    """Adam over ``params``; with ``weight_decay``, AdamW whose decay reaches only the
+    coefficients (one parameter group for them, one without decay for atoms and read-outs)."""
+    if not config.weight_decay:
+        return torch.optim.Adam(params, lr=config.lr)
+    coefficients = {id(layer.coefficients) for layer in atoms.layers.values()}
+    groups = [{"params": [p for p in params if id(p) in coefficients],
+               "weight_decay": config.weight_decay},
+              {"params": [p for p in params if id(p) not in coefficients], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+
+
+def _forward_backward(loss_fn, step: int, micro_steps: int) -> tuple[float, dict[str, float]]:
+    """``micro_steps`` calls of ``loss_fn(step)``, each followed by the backward pass of its
+    share ``loss / micro_steps`` (the gradients add up to the mean's); returns the mean loss and
+    the mean of each named part."""
+    total, parts = 0.0, {}
+    for _ in range(micro_steps):
+        loss, named = _loss(loss_fn, step)
+        (loss / micro_steps if micro_steps > 1 else loss).backward()
+        total += float(loss.detach())
+        for name, value in named.items():
+            parts[name] = parts.get(name, 0.0) + value / micro_steps
+    return total / micro_steps, parts
 
 
 @torch.no_grad()
