@@ -16,8 +16,9 @@ from comfy_api.latest import io
 import sparse_core as sc
 
 from . import effects, masks, presets, routes
-from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, check_finite, check_latent_for_model,
-                     loss_curve, rgb_to_image, save_numbered, send_text)
+from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType, check_finite,
+                     check_latent_for_model, loss_curve, rgb_to_image, save_numbered, send_text)
+from .option_nodes import OPTION_FIELDS
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
 from .training import Dataset, TrainSettings, train
 
@@ -136,6 +137,10 @@ class TrainSparseConcept(io.ComfyNode):
                 io.Conditioning.Input("empty_conditioning", optional=True,
                                       tooltip="The empty prompt's conditioning (your negative "
                                               "prompt encoder on ''), for caption_dropout."),
+                TrainingOptionsType.Input("options", optional=True,
+                                          tooltip="From Sparse Training Options: lr schedule, "
+                                                  "weight decay, gradient accumulation and "
+                                                  "clipping, noise levels, loss."),
             ],
             outputs=[io.Model.Output("trained_model", display_name="MODEL"),
                      SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS"),
@@ -147,7 +152,7 @@ class TrainSparseConcept(io.ComfyNode):
     def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
-                caption_dropout=0.0, empty_conditioning=None):
+                caption_dropout=0.0, empty_conditioning=None, options=None):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
                      prior_weight=prior_weight, caption_dropout=caption_dropout)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
@@ -175,7 +180,8 @@ class TrainSparseConcept(io.ComfyNode):
         settings = TrainSettings(steps=steps, lr=learning_rate, batch=batch_size, l1=l1,
                                  budget=atom_budget or None, train_atoms=tune_atoms, seed=seed,
                                  dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
-                                 prior_weight=prior_weight, caption_dropout=caption_dropout)
+                                 prior_weight=prior_weight, caption_dropout=caption_dropout,
+                                 **_options(options))
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(steps)
         started = time.time()
@@ -218,6 +224,16 @@ class TrainSparseConcept(io.ComfyNode):
         message = f"{message}; {measured}"
         patched = apply_to_model(model, trained, 1.0)
         return io.NodeOutput(patched, trained, loss_curve(result.losses), ui={"text": [message]})
+
+
+def _options(options) -> dict:
+    """The fields a Sparse Training Options node gives (checked again with the steps)."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict) or not set(options) <= OPTION_FIELDS:
+        raise ValueError("Train Sparse Concept: options must come from a Sparse Training Options "
+                         f"node, got {type(options).__name__}")
+    return options
 
 
 def _dataset(latent, conditioning, latent_name, cond_name) -> Dataset:

@@ -21,6 +21,7 @@ from .patching import model_family
 
 AtomDict = io.Custom("ATOM_DICT")
 SparseAtomsType = io.Custom("SPARSE_ATOMS")
+TrainingOptionsType = io.Custom("SPARSE_TRAINING_OPTIONS")
 
 FOLDER = "sparse_atoms"
 CATEGORY = "sparse_atoms"

@@ -10,7 +10,7 @@ own ``model_sampling`` (eps, v or flow models alike), at fixed noise levels with
     x_t     = model_sampling.noise_scaling(sigma_l, noise, x0)
     output  = guider(x_t, sigma_l) / s(sigma_l)
 
-Dividing the model's denoised prediction by ``s(sigma)`` (:func:`training.prediction_scale`: sigma
+Dividing the model's denoised prediction by ``s(sigma)`` (:func:`objective.prediction_scale`: sigma
 for eps and flow models, sigma / sqrt(1 + sigma^2) for v-prediction) makes differences between two
 atom sets the difference of the model's own prediction (its noise, velocity or v), the quantity
 the trainer's loss measures, so every noise level weighs alike.
@@ -32,10 +32,11 @@ import comfy_extras.nodes_custom_sampler as custom_sampler
 import sparse_core as sc
 
 from .common import send_text
+from .objective import prediction_scale
 from .patching import AtomsWeightWrapper, check_fit, release
 from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _checkpointed,
                        _clone_cond, _copy_inference_weights, _denoise, _distinct,
-                       _sampler_inputs, prediction_scale)
+                       _sampler_inputs)
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate

@@ -10,11 +10,12 @@ noise comes from the model's ``model_sampling``::
     loss   = mean(((guider(x_t, sigma) - x0) / s(sigma))^2)
 
 where ``s(sigma)`` is how much the denoised prediction moves per unit of the model's own output
-(:func:`prediction_scale`: sigma for eps and flow models, sigma / sqrt(1 + sigma^2) for
+(:func:`objective.prediction_scale`: sigma for eps and flow models, sigma / sqrt(1 + sigma^2) for
 v-prediction). Dividing the x0-space error by it makes the loss the error of the model's own
 prediction (its noise, velocity or v), so every noise level weighs alike instead of the x0 loss
 growing with sigma^2 (or, divided by sigma alone, a v model's loss shrinking like 1 / (1 + sigma^2)
-and swinging with the noise levels drawn). Atoms enter as weight wrappers (differentiable ``W + delta W``); the
+and swinging with the noise levels drawn). :mod:`objective` has the other choices: logit-normal
+noise levels and the flow shift, L1 and Huber errors, min-SNR weighting. Atoms enter as weight wrappers (differentiable ``W + delta W``); the
 loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
 """
 
@@ -35,6 +36,8 @@ import comfy_extras.nodes_custom_sampler as custom_sampler
 
 import sparse_core as sc
 
+from .objective import (LOSS_TYPES, LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, draw_levels, image_errors,
+                        level_weights, prediction_scale)
 from .patching import AtomsWeightWrapper, release
 
 log = logging.getLogger("sparse_atoms")
@@ -49,14 +52,33 @@ class TrainSettings(sc.TrainConfig):
     during training (the atoms stay fp32) and gradient checkpointing; and ``caption_dropout``,
     the share of concept images each step trains under the empty prompt instead of their own (as
     base models are trained, so classifier-free guidance's unconditional branch knows the new
-    images too; without it guidance exaggerates a style it never saw)."""
+    images too; without it guidance exaggerates a style it never saw). The training objective
+    (:mod:`objective`): ``timestep_sampling`` and ``timestep_shift`` (how noise levels are
+    drawn), ``loss_type``, ``loss_weighting`` with ``min_snr_gamma``; the defaults are today's
+    objective, draw for draw."""
 
     dtype: str = "fp32"
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.0
+    timestep_sampling: str = "uniform"
+    timestep_shift: float = 1.0
+    loss_type: str = "MSE"
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
 
     def __post_init__(self):
         super().__post_init__()
+        for name, options in (("timestep_sampling", TIMESTEP_SAMPLING), ("loss_type", LOSS_TYPES),
+                              ("loss_weighting", LOSS_WEIGHTINGS)):
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {list(options)}, got {getattr(self, name)!r}")
+        for name in ("timestep_shift", "min_snr_gamma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be > 0 and finite, got {value}")
+            setattr(self, name, float(value))
         dropout = self.caption_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
             raise TypeError(f"caption_dropout must be a number, got {type(dropout).__name__}")
@@ -90,18 +112,6 @@ def _distinct(conds: list) -> tuple[list, list[int]]:
             match = len(unique) - 1
         cond_of.append(match)
     return unique, cond_of
-
-
-def prediction_scale(sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    """``|d denoised / d model output|`` at each ``sigma`` (shape ``(n,)``), shaped ``(n, 1, ...)``
-    with ``ndim`` dimensions: read off the model's own ``calculate_denoised`` (linear in the
-    output), so eps (sigma), flow (sigma), v-prediction (sigma * sd / sqrt(sigma^2 + sd^2)) and x0
-    models (1) each get theirs. Floored at 1e-3 like the lowest noise levels."""
-    shape = (len(sigma),) + (1,) * (ndim - 1)
-    ones, zeros = torch.ones(shape).to(sigma), torch.zeros(shape).to(sigma)
-    with torch.no_grad():
-        slope = sampling.calculate_denoised(sigma, ones, zeros) - sampling.calculate_denoised(sigma, zeros, zeros)
-    return slope.abs().float().clamp_min(1e-3)
 
 
 def _sampler_inputs(model_wrap, latent_image, seed):
@@ -153,15 +163,17 @@ class _TrainingSampler(comfy.samplers.Sampler):
             for cond_index, chosen in _by_condition(cond_of or self.cond_of, indices):
                 x0 = x0_all[chosen]
                 noise_ = torch.randn(x0.shape, generator=generator).to(x0)
-                percents = [levels[i] for i in chosen] if levels else \
-                    torch.rand(len(chosen), generator=generator).tolist()
+                percents = [levels[i] for i in chosen] if levels else draw_levels(
+                    len(chosen), generator, settings.timestep_sampling, settings.timestep_shift)
                 sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in percents]).to(x0)
                 x_t = sampling.noise_scaling(sigma, noise_, x0, False)
                 denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
                                     self.copy_saved)
                 scale = prediction_scale(sampling, sigma, x0.dim())
-                error = ((denoised.float() - x0.float()) / scale).pow(2)
-                total_loss = total_loss + error.flatten(1).mean(1).sum()
+                errors = image_errors(denoised, x0, scale, settings.loss_type)
+                weights = level_weights(sampling, sigma, scale, settings.loss_weighting,
+                                        settings.min_snr_gamma)
+                total_loss = total_loss + (errors if weights is None else errors * weights).sum()
             return total_loss / len(indices)
 
         def loss_fn(step):

@@ -84,7 +84,7 @@ def test_the_defaults_are_plain_adam_bit_for_bit(l1):
     reference, reference_loss = fitting_problem()
     result = sc.train_atoms(atoms, loss, steps=15, lr=0.05, l1=l1)
     reference_run(reference, reference_loss, 15, 0.05, l1=l1)
-    assert result.steps_done == 15 and result.grad_norms == []
+    assert result.steps_done == 15 and result.gradient_norms == []
     for field in ("coefficients", "atoms", "readouts"):
         assert torch.equal(getattr(atoms["w"], field), getattr(reference["w"], field))
 
@@ -93,10 +93,10 @@ def test_gradient_clipping_is_clip_grad_norm_before_adam():
     clip = 0.05
     atoms, loss = fitting_problem()
     reference, reference_loss = fitting_problem()
-    result = sc.train_atoms(atoms, loss, steps=15, lr=0.05, grad_clip=clip)
+    result = sc.train_atoms(atoms, loss, steps=15, lr=0.05, gradient_clip=clip)
     norms = reference_run(reference, reference_loss, 15, 0.05, clip=clip)
     torch.testing.assert_close(atoms.delta("w"), reference.delta("w"))
-    assert result.grad_norms == pytest.approx(norms) and max(norms) > clip  # it did clip
+    assert result.gradient_norms == pytest.approx(norms) and max(norms) > clip  # it did clip
     unclipped, unclipped_loss = fitting_problem()
     sc.train_atoms(unclipped, unclipped_loss, steps=15, lr=0.05)
     assert not torch.allclose(unclipped.delta("w"), atoms.delta("w"), atol=1e-4)
@@ -122,7 +122,7 @@ def test_gradient_accumulation_averages_the_micro_batches():
         return atoms, half, mean, calls
 
     accumulated, half, _, calls = problem()
-    result = sc.train_atoms(accumulated, half, steps=10, lr=0.05, grad_accumulation=2)
+    result = sc.train_atoms(accumulated, half, steps=10, lr=0.05, gradient_accumulation=2)
     whole, _, mean, _ = problem()
     expected = sc.train_atoms(whole, mean, steps=10, lr=0.05)
     torch.testing.assert_close(accumulated.delta("w"), whole.delta("w"))
@@ -138,10 +138,10 @@ def test_gradient_accumulation_averages_the_micro_batches():
     (dict(steps=10, warmup_steps=10), ValueError, r"warmup_steps \(10\) must be fewer than steps \(10\)"),
     (dict(warmup_steps=-1), ValueError, "warmup_steps must be >= 0"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay must be >= 0 and finite"),
-    (dict(grad_accumulation=0), ValueError, "grad_accumulation must be >= 1"),
-    (dict(grad_accumulation=1.5), TypeError, "grad_accumulation must be an int"),
-    (dict(grad_clip=0.0), ValueError, "grad_clip must be > 0 and finite"),
-    (dict(grad_clip=float("nan")), ValueError, "grad_clip must be > 0 and finite"),
+    (dict(gradient_accumulation=0), ValueError, "gradient_accumulation must be >= 1"),
+    (dict(gradient_accumulation=1.5), TypeError, "gradient_accumulation must be an int"),
+    (dict(gradient_clip=0.0), ValueError, "gradient_clip must be > 0 and finite"),
+    (dict(gradient_clip=float("nan")), ValueError, "gradient_clip must be > 0 and finite"),
 ])
 def test_bad_optimisation_controls_are_refused_by_name(fields, error, match):
     with pytest.raises(error, match=match):

@@ -62,7 +62,7 @@ def test_pixart_below_its_smallest_size_is_refused_by_name(node_classes):
 
 
 def test_prediction_scale_is_the_slope_of_each_models_denoised_prediction(node_classes):
-    scale = node_module(node_classes, "training").prediction_scale
+    scale = node_module(node_classes, "objective").prediction_scale
     sigma = torch.tensor([0.03, 1.0, 14.6])
 
     class V(ms.ModelSamplingDiscrete, ms.V_PREDICTION):
