@@ -12,6 +12,7 @@ from ._synthetic import SyntheticSignals, atom_recovery, sparse_coded_signals
 from ._atoms import AtomLayer, AtomRanking, AtomsInfo, SparseAtoms
 from ._builders import DICTIONARY_METHODS, build_atoms, build_layer
 from ._schedules import LR_SCHEDULES, budget_schedule, learning_rate_at
+from ._state import TrainingState, load_training_state, save_training_state
 from ._training import TrainConfig, TrainingResult, sparse_step_, train_atoms, trainable_parameters
 from ._atomic_write import check_folder_path, clean_temp_files, write_atomic
 from ._files import (AtomsFileError, FORMAT_NAME, FORMAT_VERSION, atoms_from_bytes, atoms_to_bytes,
@@ -29,6 +30,7 @@ __all__ = [
     "DICTIONARY_METHODS", "build_atoms", "build_layer",
     "LR_SCHEDULES", "budget_schedule", "learning_rate_at",
     "TrainConfig", "TrainingResult", "sparse_step_", "train_atoms", "trainable_parameters",
+    "TrainingState", "load_training_state", "save_training_state",
     "AtomsFileError", "FORMAT_NAME", "FORMAT_VERSION", "atoms_from_bytes", "atoms_to_bytes",
     "check_folder_path", "clean_temp_files", "load_atoms", "save_atoms", "tensor_name", "write_atomic",
     "importance_heatmap", "importance_table",

@@ -137,6 +137,16 @@ class Guard:
         self.working_loss = statistics.median(sum(values.values()) for values in parts)
         return None
 
+    def resume(self, reference: dict[str, list[float]], loss_reference: list[float], step: int,
+               loss: float) -> None:
+        """Continue a run instead of starting one: its start's ``reference`` (``{part:
+        [losses]}``) and training losses ``loss_reference`` judge it; the atoms in place (after
+        ``step`` updates, training loss ``loss``) are the working state."""
+        self.loss_reference = list(loss_reference)
+        self.reference = {name: list(values) for name, values in reference.items()}
+        self.working_step, self.working_losses = step, self.reference
+        self.working_span, self.working_loss, self.window_start = f" at step {step}", loss, step
+
     def check_loss(self, step: int, parts: dict[str, float]) -> tuple[str, str, bool] | None:
         """The loss of the atoms in place (``step`` updates), before their update."""
         total = sum(parts.values())

@@ -31,8 +31,6 @@ the atoms they were measured on, so training that changes the atoms drops them.
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -40,105 +38,13 @@ import torch
 
 from ._atoms import SparseAtoms
 from ._guard import LOWER_LR, REFERENCE_CHECKS, Guard, all_finite
-from ._schedules import LR_SCHEDULES, budget_schedule, learning_rate_at
+from ._schedules import budget_schedule, learning_rate_at
+from ._state import TrainingState, capture_state, resume_run
+from ._train_config import TrainConfig, _number
 
-__all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "TrainingResult", "train_atoms"]
-
-BUDGET_CRITERIA = ("taylor", "weight norm")
 TAYLOR_DECAY = 0.9  # the Taylor budget's moving average keeps this much of its past per step
 
-
-def _int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _number(name: str, value, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite, got {value}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """How to train sparse atoms: the one validated configuration every front end shares (the
-    ComfyUI node extends it with its dtype options, the digits code with its dictionary).
-
-    ``steps``, ``lr``, ``l1``, ``budget`` (``None``: no hard budget; else the number of atoms
-    kept over the whole model), ``budget_by`` (one of :data:`BUDGET_CRITERIA`: how the budget
-    ranks atoms), ``train_atoms`` / ``train_readouts`` drive :func:`train_atoms`;
-    ``batch`` (images per step), ``seed`` and ``prior_weight`` (weight of the prior-preservation
-    loss) drive the front ends' loss functions.
-
-    Optimisation controls (the defaults are plain Adam at a constant rate, today's results bit
-    for bit): ``lr_schedule`` (one of :data:`LR_SCHEDULES`) after ``warmup_steps`` of linear
-    warmup (:func:`learning_rate_at`; the l1 threshold ``lr * l1`` follows the rate);
-    ``weight_decay`` (AdamW's decoupled decay, on the coefficients only: atoms and read-outs are
-    renormalised every step, so ``delta W`` itself shrinks by ``1 - lr * weight_decay`` per step);
-    ``grad_accumulation`` (each update averages the gradients of that many ``loss_fn`` calls: an
-    effective batch of ``batch * grad_accumulation`` at the memory of ``batch``); ``grad_clip``
-    (``None``, or the largest global gradient norm an update sees; larger ones are scaled down).
-
-    Every field is checked on construction (and by
-    :func:`dataclasses.replace`): a ``TypeError`` or ``ValueError`` names the field and value;
-    NaN and inf are refused.
-    """
-
-    steps: int = 200
-    lr: float = 3e-3
-    l1: float = 0.0
-    budget: int | None = None
-    budget_by: str = "taylor"
-    train_atoms: bool = True
-    train_readouts: bool = False
-    batch: int = 1
-    seed: int = 0
-    prior_weight: float = 1.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_accumulation: int = 1
-    grad_clip: float | None = None
-
-    def __post_init__(self):
-        self.steps = _int("steps", self.steps, 1)
-        self.lr = _number("lr", self.lr, positive=True)
-        self.l1 = _number("l1", self.l1, positive=False)
-        if self.budget is not None:  # None, never 0, means "no budget"
-            if isinstance(self.budget, numbers.Integral) and not isinstance(self.budget, bool) \
-                    and self.budget < 1:
-                raise ValueError(f"budget must be None (no budget) or >= 1 atom, got {self.budget}")
-            self.budget = _int("budget", self.budget, 1)
-        if self.budget_by not in BUDGET_CRITERIA:
-            raise ValueError(f"budget_by must be one of {BUDGET_CRITERIA}, got {self.budget_by!r}")
-        self.train_atoms = _bool("train_atoms", self.train_atoms)
-        self.train_readouts = _bool("train_readouts", self.train_readouts)
-        self.batch = _int("batch", self.batch, 1)
-        self.seed = _int("seed", self.seed, 0)
-        self.prior_weight = _number("prior_weight", self.prior_weight, positive=False)
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        self.warmup_steps = _int("warmup_steps", self.warmup_steps, 0)
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps "
-                             f"({self.steps})")
-        self.weight_decay = _number("weight_decay", self.weight_decay, positive=False)
-        self.grad_accumulation = _int("grad_accumulation", self.grad_accumulation, 1)
-        if self.grad_clip is not None:
-            self.grad_clip = _number("grad_clip", self.grad_clip, positive=True)
-
+__all__ = ["TrainConfig", "trainable_parameters", "sparse_step_", "TrainingResult", "train_atoms"]
 
 def trainable_parameters(atoms: SparseAtoms, *, train_atoms: bool = True,
                          train_readouts: bool = False) -> list[torch.Tensor]:
@@ -188,8 +94,8 @@ class TrainingResult:
     (``None`` when every step ran and the final atoms passed every check); ``warnings`` what the
     user should check although training ran (a risen prior-preservation loss); ``reference``
     the starting atoms' evaluations per part (what the guard compares with); ``learning_rates``
-    the rate of each of those steps' updates (the schedule) and ``grad_norms`` each update's
-    global gradient norm before clipping (only when ``grad_clip`` is set: it costs a
+    the rate of each of those steps' updates (the schedule) and ``gradient_norms`` each update's
+    global gradient norm before clipping (only when ``gradient_clip`` is set: it costs a
     synchronisation per step).
     """
 
@@ -201,7 +107,7 @@ class TrainingResult:
     warnings: list[str] = field(default_factory=list)
     reference: dict[str, list[float]] = field(default_factory=dict)
     learning_rates: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    gradient_norms: list[float] = field(default_factory=list)
 
     @property
     def steps_done(self) -> int:
@@ -221,10 +127,14 @@ def train_atoms(
     *,
     on_step: Callable[[int, float], None] | None = None,
     check_fn: Callable[[], torch.Tensor | dict[str, torch.Tensor]] | None = None,
+    resume: TrainingState | None = None,
+    state_every: int = 0,
+    on_state: Callable[[TrainingState], None] | None = None,
     **fields,
 ) -> TrainingResult:
     """The training loop every front end shares, in place on ``atoms``: Adam (AdamW with
-    ``weight_decay``) on ``loss_fn(step)`` (called ``grad_accumulation`` times per update; a scalar computed with the atoms applied, or a dict of named scalar parts
+    ``weight_decay``) on ``loss_fn(step)`` (called ``gradient_accumulation`` times per update; a
+    scalar computed with the atoms applied, or a dict of named scalar parts
     whose sum is the loss; the guard watches a part named ``"prior"``, the prior-preservation
     loss, for a warning), then :func:`sparse_step_` with the l1 threshold ``lr * l1`` (``lr``
     of this step's schedule) and the :func:`budget_schedule` of ``budget`` atoms.
@@ -240,6 +150,15 @@ def train_atoms(
     restored, and ``result.stopped`` says what happened. ``on_step(step, loss)`` runs after each completed
     step (progress bars, and cancelling: an exception it raises propagates with the atoms left at
     that step, which passed every check but the loss of the next step).
+
+    **Resuming.** Every ``state_every`` updates (and after the last), ``on_state(state)`` gets a
+    :class:`TrainingState` (copies, on the CPU: save it with :func:`save_training_state`). Given
+    ``resume=state`` (and ``atoms`` its atoms or a copy), the run continues after ``state.step``
+    updates exactly as if it had never stopped, provided ``loss_fn`` continues its own random
+    stream too (front ends keep their generator's state in ``state.extra``): the result's history
+    holds the earlier steps as well. Every setting must equal the state's but ``steps`` (a larger
+    one continues the run further; schedules then follow the new length). A resumed run judged
+    broken goes back at most to the resumed state.
     """
     if not isinstance(atoms, SparseAtoms):
         raise TypeError(f"atoms must be SparseAtoms, got {type(atoms).__name__}")
@@ -265,10 +184,19 @@ def train_atoms(
                   for key, layer in atoms.layers.items()}
     optimizer = _optimizer(atoms, params, config)
     result = TrainingResult()
+    start = 0 if resume is None else resume_run(resume, atoms, config, params, optimizer,
+                                                taylor, guard, result)
+    state_every = _number("state_every", state_every, positive=False)
+    if state_every and not callable(on_state):
+        raise TypeError(f"state_every {state_every:g} needs on_state, a callable taking the state")
+
+    def state(steps_done: int) -> TrainingState:
+        return capture_state(atoms, steps_done, config, optimizer, taylor, guard, result)
+
     try:
-        for step in range(config.steps):
+        for step in range(start, config.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss, parts = _forward_backward(loss_fn, step, config.grad_accumulation)
+            loss, parts = _forward_backward(loss_fn, step, config.gradient_accumulation)
             problem = guard.start([parts, *_evaluations(loss_fn, 0, 0 if check else
                                                         REFERENCE_CHECKS - 1)]) if step == 0 else None
             if problem:
@@ -284,9 +212,9 @@ def train_atoms(
                 break
             if taylor is not None:
                 _accumulate_taylor(atoms, taylor)  # the loss's own gradient, before clipping
-            if config.grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                result.grad_norms.append(float(norm))
+            if config.gradient_clip is not None:
+                norm = torch.nn.utils.clip_grad_norm_(params, config.gradient_clip)
+                result.gradient_norms.append(float(norm))
             lr = learning_rate_at(step, config.steps, config.lr, config.lr_schedule,
                                   config.warmup_steps)
             for group in optimizer.param_groups:
@@ -307,6 +235,8 @@ def train_atoms(
             for name, part in parts.items():
                 result.parts.setdefault(name, []).append(part)
             result.growth.append(guard.max_growth)
+            if state_every and ((step + 1) % int(state_every) == 0 or step + 1 == config.steps):
+                on_state(state(step + 1))
             if on_step is not None:
                 on_step(step, result.losses[-1])
         else:
@@ -322,7 +252,7 @@ def train_atoms(
             stripped = atoms.without_effects()
             atoms.layers, atoms.info = stripped.layers, stripped.info
     del result.losses[guard.working_step:], result.growth[guard.working_step:]
-    del result.learning_rates[guard.working_step:], result.grad_norms[guard.working_step:]
+    del result.learning_rates[guard.working_step:], result.gradient_norms[guard.working_step:]
     for values in result.parts.values():
         del values[guard.working_step:]
     result.final_loss, result.reference = guard.working_loss, guard.reference
