@@ -18,9 +18,10 @@ import sparse_core as sc
 from . import effects, masks, presets, routes
 from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType, check_finite,
                      check_latent_for_model, loss_curve, rgb_to_image, save_numbered, send_text)
+from .checkpoints import NO_RESUME, PeriodicSaver, load_state, state_files, widget_message
 from .option_nodes import OPTION_FIELDS
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
-from .training import Dataset, TrainSettings, train
+from .training import Dataset, RunState, TrainSettings, train
 
 log = logging.getLogger("sparse_atoms")
 
@@ -141,6 +142,19 @@ class TrainSparseConcept(io.ComfyNode):
                                           tooltip="From Sparse Training Options: lr schedule, "
                                                   "weight decay, gradient accumulation and "
                                                   "clipping, noise levels, loss."),
+                io.Int.Input("save_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Every this many steps (and at the end) save the atoms to "
+                                     "models/sparse_atoms and the whole training state to "
+                                     "models/sparse_atoms_states (to resume from); 0 = off."),
+                io.String.Input("save_name", default="checkpoints/concept", optional=True,
+                                tooltip="Name of the saves: <save_name>_<run>_step<step>."
+                                        "safetensors; a new run number each run, nothing is "
+                                        "replaced."),
+                io.Combo.Input("resume_from", options=state_files(), default=NO_RESUME,
+                               optional=True,
+                               tooltip="A saved training state (models/sparse_atoms_states) to "
+                                       "continue exactly: same images and settings, steps the "
+                                       "run's total (more than the state's)."),
             ],
             outputs=[io.Model.Output("trained_model", display_name="MODEL"),
                      SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS"),
@@ -152,7 +166,8 @@ class TrainSparseConcept(io.ComfyNode):
     def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
-                caption_dropout=0.0, empty_conditioning=None, options=None):
+                caption_dropout=0.0, empty_conditioning=None, options=None, save_every=0,
+                save_name="checkpoints/concept", resume_from=NO_RESUME):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
                      prior_weight=prior_weight, caption_dropout=caption_dropout)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
@@ -171,8 +186,12 @@ class TrainSparseConcept(io.ComfyNode):
                                  "images under the empty prompt: wire its CONDITIONING (one entry, "
                                  f"e.g. your text encoder on '') to empty_conditioning (got {given})")
             empty = empty_conditioning[0]
-        atoms = atom_dict
-        if atoms is None:
+        atoms, resume = atom_dict, None
+        if resume_from != NO_RESUME:  # the state's dictionary, every atom of it, is what trains
+            resume = load_state(resume_from)
+            atoms = resume.atoms
+            check_fit(model, atoms)
+        elif atoms is None:
             atoms, report = build_dictionary(model, "cross-attention k/v", "", 32, "svd", seed)
             log.info("Train Sparse Concept: no ATOM_DICT given, built %s", report)
         else:
@@ -191,8 +210,14 @@ class TrainSparseConcept(io.ComfyNode):
             send_text(f"step {step + 1}/{steps}  loss {loss:.4f}", node_id)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
+        run_state = RunState(every=save_every, resume=resume, resume_name=repr(resume_from),
+                             on_state=PeriodicSaver(save_name, node_id) if save_every else None)
         try:
-            trained, result = train(model, atoms, concept, settings, prior, on_step, empty)
+            trained, result = train(model, atoms, concept, settings, prior, on_step, empty, run_state)
+        except ValueError as error:
+            if str(error).startswith("resume:"):
+                raise ValueError(widget_message(error)) from None
+            raise
         except comfy.model_management.InterruptProcessingException as interrupt:
             _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
             raise
@@ -203,6 +228,8 @@ class TrainSparseConcept(io.ComfyNode):
         trained.info.prompt = ""
         trained.info.training = {**vars(settings), "images": len(concept.latents),
                                  "prior_images": 0 if prior is None else len(prior.latents),
+                                 "resumed_from": None if resume is None else
+                                 {"file": resume_from, "step": resume.step},
                                  "steps_done": result.steps_done, "stopped": result.stopped,
                                  "warnings": result.warnings,
                                  "losses": [round(v, 6) for v in result.losses[:: max(1, len(result.losses) // 2000)]],

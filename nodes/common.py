@@ -24,13 +24,16 @@ SparseAtomsType = io.Custom("SPARSE_ATOMS")
 TrainingOptionsType = io.Custom("SPARSE_TRAINING_OPTIONS")
 
 FOLDER = "sparse_atoms"
+STATES_FOLDER = "sparse_atoms_states"  # training states to resume from (not atoms: kept apart)
 CATEGORY = "sparse_atoms"
 
 
 def register_folder() -> None:
-    """``models/sparse_atoms`` (``.safetensors`` only), merged with any extra_model_paths.yaml entry."""
-    folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER))
-    folder_paths.folder_names_and_paths[FOLDER] = (folder_paths.get_folder_paths(FOLDER), {".safetensors"})
+    """``models/sparse_atoms`` and ``models/sparse_atoms_states`` (``.safetensors`` only), merged
+    with any extra_model_paths.yaml entries."""
+    for name in (FOLDER, STATES_FOLDER):
+        folder_paths.add_model_folder_path(name, os.path.join(folder_paths.models_dir, name))
+        folder_paths.folder_names_and_paths[name] = (folder_paths.get_folder_paths(name), {".safetensors"})
 
 
 def atoms_files() -> list[str]:

@@ -33,9 +33,9 @@ import sparse_core as sc
 
 from .common import send_text
 from .objective import prediction_scale
+from .guided import checkpointed, clone_cond, copy_inference_weights
 from .patching import AtomsWeightWrapper, check_fit, release
-from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _checkpointed,
-                       _clone_cond, _copy_inference_weights, _denoise, _distinct,
+from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _denoise, _distinct,
                        _sampler_inputs)
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
@@ -262,17 +262,17 @@ def _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved):
         wired = None if atoms is None else atoms.clone().to(patcher.load_device, dtype=torch.float32)
         for key, layer in ({} if wired is None else wired.layers).items():
             patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
-        _copy_inference_weights(patcher, set() if wired is None else set(wired.layers))
+        copy_inference_weights(patcher, set() if wired is None else set(wired.layers))
         patcher.model.requires_grad_(False)
         data = calibration.latents.detach().clone().float()
         unique, cond_of = _distinct(calibration.conds)
         guider = custom_sampler.Guider_Basic(patcher)
-        guider.set_conds([_clone_cond(cond) for cond in unique])  # indexed by cond_of
+        guider.set_conds([clone_cond(cond) for cond in unique])  # indexed by cond_of
         sampler = _CalibrationSampler(calibration, cond_of,
                                       lambda predict, n_batches: run(wired, predict, n_batches),
                                       bf16, copy_saved)
         try:
-            with _checkpointed(patcher.model.diffusion_model, checkpointing, copy_saved):
+            with checkpointed(patcher.model.diffusion_model, checkpointing, copy_saved):
                 guider.sample(torch.zeros_like(data), data, sampler, torch.arange(len(data)),
                               seed=calibration.seed, disable_pbar=True)
         finally:

@@ -21,14 +21,11 @@ loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import numbers
 from dataclasses import dataclass
 
 import torch
-import torch.utils._pytree
-import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.samplers
@@ -36,6 +33,8 @@ import comfy_extras.nodes_custom_sampler as custom_sampler
 
 import sparse_core as sc
 
+from .checkpoints import check_resume, data_fingerprint
+from .guided import checkpointed, clone_cond, copy_inference_weights, saved_tensor_copies
 from .objective import (LOSS_TYPES, LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, draw_levels, image_errors,
                         level_weights, prediction_scale)
 from .patching import AtomsWeightWrapper, release
@@ -134,23 +133,28 @@ def _denoise(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
     """The model's denoised prediction for ``x_t`` at ``sigma`` under the one CONDITIONING entry
     ``cond`` (the caller restores ``model_wrap.conds["positive"]``)."""
     model_wrap.conds["positive"] = [cond]
-    with autocast, _saved_tensor_copies(copy_saved):
+    with autocast, saved_tensor_copies(copy_saved):
         return model_wrap(x_t, sigma, **extra_args)
 
 
 class _TrainingSampler(comfy.samplers.Sampler):
     """Runs :func:`sparse_core.train_atoms` where a sampler would run its steps."""
 
-    def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved, empty_index=None):
+    def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved, empty_index=None,
+                 run_state=None):
         self.atoms, self.settings, self.n_concept = atoms, settings, n_concept
         self.cond_of, self.on_step, self.copy_saved = cond_of, on_step, copy_saved
         self.empty_index = empty_index  # the empty prompt's conditioning, for caption dropout
+        self.run_state = run_state or RunState()
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
                denoise_mask=None, disable_pbar=False):
         settings = self.settings
         conds, sampling, x0_all, generator = _sampler_inputs(model_wrap, latent_image, settings.seed)
+        run_state = self.run_state
+        if run_state.resume is not None:  # the batches, noise and levels continue their stream
+            generator.set_state(run_state.resume.extra["generator"])
         total = x0_all.shape[0]
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
@@ -199,9 +203,15 @@ class _TrainingSampler(comfy.samplers.Sampler):
                     (settings.prior_weight if name.startswith("prior") else 1.0)
                     for name, (indices, levels) in checked.items()}
 
+        def on_state(state):
+            state.extra.update(generator=generator.get_state(), data=run_state.fingerprint)
+            run_state.on_state(state)
+
         try:
             self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=self.on_step,
-                                         check_fn=check_fn)
+                                         check_fn=check_fn, resume=run_state.resume,
+                                         state_every=run_state.every,
+                                         on_state=on_state if run_state.every else None)
         finally:
             model_wrap.conds["positive"] = conds
         return torch.zeros_like(latent_image)
@@ -244,12 +254,27 @@ def _broadcast_conds(conds: list, count: int, what: str) -> list:
     return list(conds)
 
 
+@dataclass
+class RunState:
+    """Saving and resuming a run: ``on_state(state)`` every ``every`` steps (0: never) gets a
+    :class:`sparse_core.TrainingState` whose ``extra`` holds the training generator's state and
+    the data's fingerprint; ``resume`` is a state to continue (its atoms are the ones trained)."""
+
+    every: int = 0
+    on_state: object = None
+    resume: sc.TrainingState | None = None
+    fingerprint: torch.Tensor | None = None
+    resume_name: str = "the training state"  # for messages
+
+
 def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
-          prior: Dataset | None = None, on_step=None, empty_cond=None):
+          prior: Dataset | None = None, on_step=None, empty_cond=None,
+          run_state: RunState | None = None):
     """Train a copy of ``atoms`` on ``concept`` (and ``prior``); returns (atoms, TrainingResult).
 
     ``on_step(step, loss)`` runs after every step (progress, cancel); ``empty_cond`` (one
-    CONDITIONING entry, the empty prompt's) is what ``settings.caption_dropout`` trains under."""
+    CONDITIONING entry, the empty prompt's) is what ``settings.caption_dropout`` trains under;
+    ``run_state`` saves states as training goes and resumes one (:class:`RunState`)."""
     if settings.caption_dropout > 0 and empty_cond is None:
         raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
                          "conditioning (empty_conditioning)")
@@ -261,6 +286,11 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
                              f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
         latents.append(prior.latents)
         conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
+    run_state = run_state or RunState()
+    run_state.fingerprint = data_fingerprint(latents, len(concept.latents))
+    if run_state.resume is not None:
+        check_resume(run_state.resume, run_state.fingerprint, run_state.resume_name)
+        atoms = run_state.resume.atoms
     unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
     empty_index = None
     if settings.caption_dropout > 0:
@@ -269,7 +299,7 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
 
     try:
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=False, empty_index=empty_index)
+                      on_step, copy_saved=False, empty_index=empty_index, run_state=run_state)
     except RuntimeError as error:
         if "modified by an inplace operation" not in str(error):
             raise
@@ -279,11 +309,11 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
                     "needs (%s); training again from the start, keeping copies of them (more "
                     "memory)", str(error).splitlines()[0][:200])
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=True, empty_index=empty_index)
+                      on_step, copy_saved=True, empty_index=empty_index, run_state=run_state)
 
 
 def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved,
-           empty_index=None):
+           empty_index=None, run_state=None):
     patcher = model.clone()
     if settings.dtype == "bf16":
         patcher.set_model_compute_dtype(torch.bfloat16)
@@ -292,16 +322,16 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         trained = atoms.clone().to(device, dtype=torch.float32)
         for key, layer in trained.layers.items():
             patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
-        _copy_inference_weights(patcher, set(trained.layers))
+        copy_inference_weights(patcher, set(trained.layers))
         patcher.model.requires_grad_(False)
         data = torch.cat([t.detach().clone() for t in latents]).float()
         guider = custom_sampler.Guider_Basic(patcher)
-        guider.set_conds([_clone_cond(cond) for cond in unique])  # indexed by cond_of
+        guider.set_conds([clone_cond(cond) for cond in unique])  # indexed by cond_of
         sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved,
-                                   empty_index)
+                                   empty_index, run_state)
         noise = torch.zeros_like(data)
         try:
-            with _checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,
+            with checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,
                                copy_saved):
                 guider.sample(noise, data, sampler, torch.arange(len(data)), seed=settings.seed,
                               disable_pbar=True)
@@ -311,92 +341,3 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
         finally:
             release(patcher)
     return trained.to("cpu"), sampler.result
-
-
-def _copy_inference_weights(patcher, adapted: set[str]) -> None:
-    """Checkpoints loaded inside a ComfyUI graph hold inference-mode tensors, which autograd may
-    not save for backward. A weight of one of ComfyUI's ops gets an identity weight wrapper, which
-    makes the op use a copy (as the atoms' own wrappers do for the adapted layers); any other
-    parameter or buffer (MMDiT's RMSNorm and Flux's QKNorm scales, PixArt's modulation tables:
-    plain tensors that ``cast_to`` returns as they are when the dtypes agree) gets a plain copy as
-    an object patch, put in while the clone is loaded and taken out when it is unloaded."""
-    for name, module in patcher.model.diffusion_model.named_modules():
-        key = f"diffusion_model.{name}" if name else "diffusion_model"
-        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        for field, tensor in own:
-            if tensor is None or not tensor.is_inference():
-                continue
-            if hasattr(module, f"{field}_function"):
-                if not (key in adapted and field == "weight"):
-                    patcher.add_weight_wrapper(f"{key}.{field}", _identity)
-            elif isinstance(tensor, torch.nn.Parameter):
-                patcher.add_object_patch(f"{key}.{field}",
-                                         torch.nn.Parameter(tensor.clone(), requires_grad=False))
-            else:
-                patcher.add_object_patch(f"{key}.{field}", tensor.clone())
-
-
-def _identity(tensor):
-    return tensor
-
-
-def _saved_tensor_copies(enabled: bool):
-    """Autograd keeps copies of the tensors backward needs, immune to later in-place updates."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
-
-
-def _clone_cond(cond):
-    """Upstream tensors are inference tensors; training needs plain copies."""
-    tensor, extra = cond
-    extra = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
-    return [tensor.detach().clone(), extra]
-
-
-@contextlib.contextmanager
-def _checkpointed(diffusion_model: torch.nn.Module, enabled: bool, copy_inputs: bool = False):
-    """Gradient checkpointing: recompute each top-level block in the backward pass instead of
-    keeping its activations. Restores the original forwards afterwards.
-
-    ``copy_inputs`` (for models that update activations in place, like Flux's blocks with
-    ``x += ...``): each block runs on copies of its tensor inputs, so the inputs checkpointing
-    keeps for the recomputation are still the ones the forward pass saw."""
-    if not enabled:
-        yield
-        return
-    blocks = []
-
-    def collect(module):
-        for child in module.children():
-            if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-                collect(child)
-            else:
-                blocks.append(child)
-
-    collect(diffusion_model)
-    originals = []
-    for block in blocks:
-        forward = _on_copies(block.forward) if copy_inputs else block.forward
-        originals.append((block, block.__dict__.get("forward")))
-
-        def checkpointed(*args, __forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(__forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = checkpointed
-    try:
-        yield
-    finally:
-        for block, own_forward in originals:
-            if own_forward is None:
-                del block.forward
-            else:
-                block.forward = own_forward
-
-
-def _on_copies(forward):
-    """``forward`` called on copies of the tensors among its arguments (nested ones included)."""
-    def run(*args, **kwargs):
-        args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs))
-        return forward(*args, **kwargs)
-    return run
