@@ -16,9 +16,10 @@ from comfy_api.latest import io
 import sparse_core as sc
 
 from . import effects, masks, presets, routes
-from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType, check_finite,
-                     check_latent_for_model, loss_curve, rgb_to_image, save_numbered, send_text)
 from .checkpoints import NO_RESUME, PeriodicSaver, load_state, state_files, widget_message
+from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType, check_finite,
+                     check_latent_for_model, loss_curve, loss_picture, rgb_to_image, save_numbered,
+                     send_text)
 from .option_nodes import OPTION_FIELDS
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
 from .training import Dataset, RunState, TrainSettings, train
@@ -205,8 +206,10 @@ class TrainSparseConcept(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
         started = time.time()
 
+        curve = LiveCurve([] if resume is None else resume.history["losses"])
+
         def on_step(step, loss):
-            bar.update_absolute(step + 1, steps)
+            bar.update_absolute(step + 1, steps, curve.add(loss, last=step + 1 == steps))
             send_text(f"step {step + 1}/{steps}  loss {loss:.4f}", node_id)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
@@ -251,6 +254,25 @@ class TrainSparseConcept(io.ComfyNode):
         message = f"{message}; {measured}"
         patched = apply_to_model(model, trained, 1.0)
         return io.NodeOutput(patched, trained, loss_curve(result.losses), ui={"text": [message]})
+
+
+class LiveCurve:
+    """The loss curve shown on the node while it trains: redrawn at most every
+    :data:`PREVIEW_SECONDS` (drawing costs a few milliseconds), and after the last step."""
+
+    def __init__(self, losses):
+        self.losses, self.shown = list(losses), 0.0
+
+    def add(self, loss: float, last: bool):
+        self.losses.append(loss)
+        now = time.monotonic()
+        if not last and now - self.shown < PREVIEW_SECONDS:
+            return None
+        self.shown = now
+        return ("PNG", loss_picture(self.losses), 480)  # ComfyUI's progress-preview tuple
+
+
+PREVIEW_SECONDS = 2.0
 
 
 def _options(options) -> dict:

@@ -223,6 +223,11 @@ def rgb_to_image(pixels) -> torch.Tensor:
 
 def loss_curve(losses: list[float], *, width: int = 480, height: int = 240) -> torch.Tensor:
     """The training loss per step as an IMAGE (log scale when it spans a decade or more)."""
+    return rgb_to_image(np.asarray(loss_picture(losses, width=width, height=height)))
+
+
+def loss_picture(losses: list[float], *, width: int = 480, height: int = 240):
+    """:func:`loss_curve` as a PIL image (what the node shows while training runs)."""
     from PIL import Image, ImageDraw
 
     canvas = Image.new("RGB", (width, height), (250, 250, 250))
@@ -243,4 +248,4 @@ def loss_curve(losses: list[float], *, width: int = 480, height: int = 240) -> t
         draw.text((4, bottom - 10), f"{low:.3g}", fill=(40, 40, 40))
         draw.text((left, bottom + 8), f"loss per step ({len(values)} steps{', log' if use_log else ''})",
                   fill=(40, 40, 40))
-    return rgb_to_image(np.asarray(canvas))
+    return canvas

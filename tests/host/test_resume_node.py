@@ -90,3 +90,21 @@ def test_resumes_that_cannot_continue_the_run_are_refused_by_name(node_classes, 
         train(node_classes, "sd15", model, atoms, steps=10, resume_from="checkpoints/atoms.safetensors")
     with pytest.raises(ValueError, match=r"Train Sparse Concept: file name '\.\./out' tries to leave"):
         train(node_classes, "sd15", model, atoms, steps=10, save_every=5, save_name="../out")
+
+
+def test_the_loss_curve_is_shown_on_the_node_while_it_trains(node_classes, sd15, monkeypatch):
+    """Each step reports progress through ComfyUI's progress hook (what the server sends to the
+    page); the loss curve goes with it as a preview image, at most every 2 s and after the last."""
+    import comfy.utils
+
+    model, atoms = sd15
+    calls = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda value, total, preview, node_id=None: calls.append((value, total, preview)))
+    train(node_classes, "sd15", model, atoms, steps=12)
+    steps = [(value, total) for value, total, _ in calls if total == 12]
+    assert steps == [(k, 12) for k in range(1, 13)]
+    previews = [(value, preview) for value, total, preview in calls if total == 12 and preview]
+    assert previews[0][0] == 1 and previews[-1][0] == 12 and len(previews) < 12
+    kind, picture, size = previews[-1][1]
+    assert kind == "PNG" and picture.size == (480, 240) and size == 480
