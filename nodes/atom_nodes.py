@@ -151,6 +151,11 @@ class TrainSparseConcept(io.ComfyNode):
                                 tooltip="Name of the saves: <save_name>_<run>_step<step>."
                                         "safetensors; a new run number each run, nothing is "
                                         "replaced."),
+                io.Latent.Input("validation_latents", optional=True,
+                                tooltip="Held-out images of the concept: their loss (fixed noise "
+                                        "and noise levels) every 5 steps, drawn on the loss curve."),
+                io.Conditioning.Input("validation_conditioning", optional=True,
+                                      tooltip="The validation images' prompt(s): one, or one per image."),
                 io.Combo.Input("resume_from", options=state_files(), default=NO_RESUME,
                                optional=True,
                                tooltip="A saved training state (models/sparse_atoms_states) to "
@@ -168,7 +173,8 @@ class TrainSparseConcept(io.ComfyNode):
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
                 caption_dropout=0.0, empty_conditioning=None, options=None, save_every=0,
-                save_name="checkpoints/concept", resume_from=NO_RESUME):
+                save_name="checkpoints/concept", resume_from=NO_RESUME, validation_latents=None,
+                validation_conditioning=None):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
                      prior_weight=prior_weight, caption_dropout=caption_dropout)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
@@ -179,6 +185,15 @@ class TrainSparseConcept(io.ComfyNode):
         if prior_latents is not None:
             prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
             check_latent_for_model(model, prior.latents, "prior_latents", "Train Sparse Concept")
+        validation = None
+        if (validation_latents is None) != (validation_conditioning is None):
+            raise ValueError("Train Sparse Concept: a validation loss needs both "
+                             "validation_latents and validation_conditioning")
+        if validation_latents is not None:
+            validation = _dataset(validation_latents, validation_conditioning,
+                                  "validation_latents", "validation_conditioning")
+            check_latent_for_model(model, validation.latents, "validation_latents",
+                                   "Train Sparse Concept")
         empty = None
         if caption_dropout > 0:
             if not empty_conditioning or len(empty_conditioning) != 1:
@@ -216,7 +231,8 @@ class TrainSparseConcept(io.ComfyNode):
         run_state = RunState(every=save_every, resume=resume, resume_name=repr(resume_from),
                              on_state=PeriodicSaver(save_name, node_id) if save_every else None)
         try:
-            trained, result = train(model, atoms, concept, settings, prior, on_step, empty, run_state)
+            trained, result = train(model, atoms, concept, settings, prior, on_step, empty, run_state,
+                                    validation)
         except ValueError as error:
             if str(error).startswith("resume:"):
                 raise ValueError(widget_message(error)) from None
@@ -231,6 +247,8 @@ class TrainSparseConcept(io.ComfyNode):
         trained.info.prompt = ""
         trained.info.training = {**vars(settings), "images": len(concept.latents),
                                  "prior_images": 0 if prior is None else len(prior.latents),
+                                 "validation_losses": [[step, round(v, 6)] for step, v in
+                                                       run_state.validation_losses],
                                  "resumed_from": None if resume is None else
                                  {"file": resume_from, "step": resume.step},
                                  "steps_done": result.steps_done, "stopped": result.stopped,
@@ -252,8 +270,12 @@ class TrainSparseConcept(io.ComfyNode):
             _save_interrupted(trained, node_id)
             raise
         message = f"{message}; {measured}"
+        if run_state.validation_losses:
+            first, last = run_state.validation_losses[0][1], run_state.validation_losses[-1][1]
+            message = f"{message}; validation loss {first:.4f} -> {last:.4f}"
         patched = apply_to_model(model, trained, 1.0)
-        return io.NodeOutput(patched, trained, loss_curve(result.losses), ui={"text": [message]})
+        curve = loss_curve(result.losses, validation=run_state.validation_losses)
+        return io.NodeOutput(patched, trained, curve, ui={"text": [message]})
 
 
 class LiveCurve:

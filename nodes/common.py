@@ -221,12 +221,15 @@ def rgb_to_image(pixels) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32) / 255.0)[None]
 
 
-def loss_curve(losses: list[float], *, width: int = 480, height: int = 240) -> torch.Tensor:
-    """The training loss per step as an IMAGE (log scale when it spans a decade or more)."""
-    return rgb_to_image(np.asarray(loss_picture(losses, width=width, height=height)))
+def loss_curve(losses: list[float], *, validation=(), width: int = 480,
+               height: int = 240) -> torch.Tensor:
+    """The training loss per step as an IMAGE (log scale when it spans a decade or more), with
+    the held-out ``validation`` losses ``[(steps done, loss)]`` in orange."""
+    return rgb_to_image(np.asarray(loss_picture(losses, validation=validation, width=width,
+                                                height=height)))
 
 
-def loss_picture(losses: list[float], *, width: int = 480, height: int = 240):
+def loss_picture(losses: list[float], *, validation=(), width: int = 480, height: int = 240):
     """:func:`loss_curve` as a PIL image (what the node shows while training runs)."""
     from PIL import Image, ImageDraw
 
@@ -235,17 +238,29 @@ def loss_picture(losses: list[float], *, width: int = 480, height: int = 240):
     left, top, right, bottom = 48, 12, width - 12, height - 28
     draw.rectangle([left, top, right, bottom], outline=(120, 120, 120))
     values = np.asarray([v for v in losses if np.isfinite(v)], dtype=np.float64)
+    held = [(s, v) for s, v in validation if np.isfinite(v)]
     if len(values):
-        low, high = float(values.min()), float(values.max())
+        every = np.concatenate([values, [v for _, v in held]])
+        low, high = float(every.min()), float(every.max())
         use_log = low > 0 and high / low >= 10
-        scaled = np.log10(values) if use_log else values
-        lo, hi = float(scaled.min()), float(scaled.max())
+        scale = np.log10 if use_log else (lambda x: np.asarray(x, dtype=np.float64))
+        lo, hi = float(scale(every).min()), float(scale(every).max())
         span = hi - lo or 1.0
         xs = left + (right - left) * np.arange(len(values)) / max(1, len(values) - 1)
-        ys = bottom - (bottom - top) * (scaled - lo) / span
+        ys = bottom - (bottom - top) * (scale(values) - lo) / span
         draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
+        if held:
+            steps = np.asarray([s for s, _ in held], dtype=np.float64)
+            hx = left + (right - left) * np.clip(steps - 1, 0, None) / max(1, len(values) - 1)
+            hy = bottom - (bottom - top) * (scale([v for _, v in held]) - lo) / span
+            points = list(zip(hx.tolist(), hy.tolist()))
+            if len(points) > 1:
+                draw.line(points, fill=(230, 120, 20), width=2)
+            for x, y in points:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(230, 120, 20))
         draw.text((4, top), f"{high:.3g}", fill=(40, 40, 40))
         draw.text((4, bottom - 10), f"{low:.3g}", fill=(40, 40, 40))
-        draw.text((left, bottom + 8), f"loss per step ({len(values)} steps{', log' if use_log else ''})",
+        legend = f"loss per step ({len(values)} steps{', log' if use_log else ''})"
+        draw.text((left, bottom + 8), legend + ("; validation in orange" if held else ""),
                   fill=(40, 40, 40))
     return canvas

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -155,7 +155,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
         run_state = self.run_state
         if run_state.resume is not None:  # the batches, noise and levels continue their stream
             generator.set_state(run_state.resume.extra["generator"])
-        total = x0_all.shape[0]
+        total = len(self.cond_of)  # training images; held-out validation images come after them
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
 
@@ -207,8 +207,29 @@ class _TrainingSampler(comfy.samplers.Sampler):
             state.extra.update(generator=generator.get_state(), data=run_state.fingerprint)
             run_state.on_state(state)
 
+        on_step = self.on_step
+        run_state.validation_losses.clear()  # a retry starts them again
+        if run_state.validation:  # held out: its own fixed noise, never the training stream
+            picks, levels = _even_part(sorted(run_state.validation), CHECK_IMAGES)
+
+            def validate(steps_done):
+                fixed = torch.Generator().manual_seed(settings.seed + 2)
+                with torch.no_grad():
+                    loss = group_loss(picks, fixed, levels, cond_of=run_state.validation)
+                run_state.validation_losses.append((steps_done, float(loss)))
+
+            def validating_step(step, loss):
+                if (step + 1) % VALIDATION_EVERY == 0 or step + 1 == settings.steps:
+                    validate(step + 1)
+                if self.on_step is not None:
+                    self.on_step(step, loss)
+
+            on_step = validating_step
+            if run_state.resume is None:
+                validate(0)
+
         try:
-            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=self.on_step,
+            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=on_step,
                                          check_fn=check_fn, resume=run_state.resume,
                                          state_every=run_state.every,
                                          on_state=on_state if run_state.every else None)
@@ -218,6 +239,15 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
 
 CHECK_IMAGES = 16  # at most this many images per part of the guard's check (every 5 steps)
+VALIDATION_EVERY = 5  # steps between validation losses (like the guard's check; and the last)
+
+
+def _even_part(indices: list[int], size: int) -> tuple[list[int], dict[int, float]]:
+    """Up to ``size`` of ``indices``, evenly spread, each with its own noise level, evenly spaced
+    in (0, 1)."""
+    picks = [indices[int(k)] for k in
+             torch.linspace(0, len(indices) - 1, min(size, len(indices))).round().long().unique()]
+    return picks, {i: (k + 0.5) / len(picks) for k, i in enumerate(picks)}
 
 
 def _check_images(n_concept: int, cond_of: list[int], settings: TrainSettings) -> dict:
@@ -229,11 +259,7 @@ def _check_images(n_concept: int, cond_of: list[int], settings: TrainSettings) -
     Every 5 steps it costs one forward pass per check image, no backward."""
     count = min(CHECK_IMAGES, max(4, 2 * settings.batch))
 
-    def part(indices, size):
-        picks = [indices[int(k)] for k in
-                 torch.linspace(0, len(indices) - 1, min(size, len(indices))).round().long().unique()]
-        return picks, {i: (k + 0.5) / len(picks) for k, i in enumerate(picks)}
-
+    part = _even_part
     parts = {"concept": part(list(range(n_concept)), count)}
     if len(cond_of) > n_concept and settings.prior_weight > 0:
         prompts = sorted({cond_of[i] for i in range(n_concept, len(cond_of))})
@@ -265,16 +291,20 @@ class RunState:
     resume: sc.TrainingState | None = None
     fingerprint: torch.Tensor | None = None
     resume_name: str = "the training state"  # for messages
+    validation: dict | None = None  # {image index: conditioning index} of held-out images
+    validation_losses: list = field(default_factory=list)  # [(steps done, loss)]
 
 
 def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
           prior: Dataset | None = None, on_step=None, empty_cond=None,
-          run_state: RunState | None = None):
+          run_state: RunState | None = None, validation: Dataset | None = None):
     """Train a copy of ``atoms`` on ``concept`` (and ``prior``); returns (atoms, TrainingResult).
 
     ``on_step(step, loss)`` runs after every step (progress, cancel); ``empty_cond`` (one
     CONDITIONING entry, the empty prompt's) is what ``settings.caption_dropout`` trains under;
-    ``run_state`` saves states as training goes and resumes one (:class:`RunState`)."""
+    ``run_state`` saves states as training goes and resumes one (:class:`RunState`);
+    ``validation`` (held-out images) gets its loss, on fixed noise and noise levels, before
+    training and every :data:`VALIDATION_EVERY` steps (``run_state.validation_losses``)."""
     if settings.caption_dropout > 0 and empty_cond is None:
         raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
                          "conditioning (empty_conditioning)")
@@ -291,7 +321,16 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     if run_state.resume is not None:
         check_resume(run_state.resume, run_state.fingerprint, run_state.resume_name)
         atoms = run_state.resume.atoms
+    n_train = len(conds)
+    if validation is not None:
+        if validation.latents.shape[1:] != concept.latents.shape[1:]:
+            raise ValueError(f"validation latents have shape {tuple(validation.latents.shape[1:])}, "
+                             f"the concept latents {tuple(concept.latents.shape[1:])}: they must match")
+        latents.append(validation.latents)
+        conds = conds + _broadcast_conds(validation.conds, len(validation.latents), "validation")
     unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
+    run_state.validation = {i: cond_of[i] for i in range(n_train, len(cond_of))} or None
+    cond_of = cond_of[:n_train]
     empty_index = None
     if settings.caption_dropout > 0:
         unique.append(empty_cond)

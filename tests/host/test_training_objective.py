@@ -157,3 +157,25 @@ def test_bad_options_are_refused_by_name(node_classes, sd15):
               options=options(node_classes, warmup_steps=50))
     with pytest.raises(ValueError, match="options must come from a Sparse Training Options node"):
         train(node_classes, "sd15", model, atoms, steps=2, options={"learning_rate": 1.0})
+
+
+def test_a_held_out_validation_loss_is_measured_without_touching_training(node_classes, sd15):
+    """Validation images get their loss before training and every 5 steps (fixed noise and
+    levels: with no learning it does not move); the trained atoms are the same with or without."""
+    model, atoms = sd15
+    held_out = dict(validation_latents=tiny_models.latents("sd15", count=3, seed=11),
+                    validation_conditioning=tiny_models.conditioning("sd15", seed=12))
+    plain = train(node_classes, "sd15", model, atoms, steps=12)[1]
+    model_out, validated, curve = train(node_classes, "sd15", model, atoms, steps=12, **held_out)
+    losses = validated.info.training["validation_losses"]
+    assert [step for step, _ in losses] == [0, 5, 10, 12]
+    assert len({v for _, v in losses}) == 4  # learning moves it (tiny random model: either way)
+    assert validated.info.training["losses"] == plain.info.training["losses"]
+    for key in plain:
+        assert torch.equal(plain.delta(key), validated.delta(key)), key
+    still = train(node_classes, "sd15", model, atoms, steps=12, lr=1e-9, **held_out)[1]
+    values = [v for _, v in still.info.training["validation_losses"]]
+    assert max(values) - min(values) < 1e-4 * max(values)  # fixed noise: only learning moves it
+    with pytest.raises(ValueError, match="needs both validation_latents and validation_conditioning"):
+        train(node_classes, "sd15", model, atoms, steps=2,
+              validation_latents=held_out["validation_latents"])
