@@ -215,8 +215,14 @@ def resume_run(state, atoms, config, params, optimizer, taylor, guard, result) -
                 value.shape != ordered[index].shape for name, value in values.items() if name != "step"):
             raise ValueError(f"resume: the state's optimizer entry {index} does not fit the "
                              "parameters being trained")
+    # copies: the run updates its moments in place, and the state may be resumed again (or hold
+    # inference tensors, when it was read inside ComfyUI's inference mode)
+    copied = {"state": {index: {name: value.clone() if isinstance(value, torch.Tensor) else value
+                                for name, value in values.items()}
+                        for index, values in moments.items()},
+              "param_groups": state.optimizer.get("param_groups", [])}
     try:
-        optimizer.load_state_dict(state.optimizer)
+        optimizer.load_state_dict(copied)
     except (ValueError, KeyError) as error:
         raise ValueError(f"resume: the state's optimizer does not fit this run ({error})") from None
     if taylor is not None:
