@@ -24,7 +24,7 @@ import folder_paths
 
 import sparse_core as sc
 
-from .common import FOLDER, STATES_FOLDER, listed_file, safe_target, send_text
+from .common import FOLDER, STATES_FOLDER, highest_number, listed_file, safe_target, send_text
 
 log = logging.getLogger("sparse_atoms")
 
@@ -84,7 +84,8 @@ class PeriodicSaver:
         self.atoms_stem = safe_target(folder_paths.get_folder_paths(FOLDER)[0], save_name, NODE)
         self.states_stem = safe_target(folder_paths.get_folder_paths(STATES_FOLDER)[0], save_name, NODE)
         self.atoms_stem, self.states_stem = self.atoms_stem[:-12], self.states_stem[:-12]
-        self.run = 1 + max(_highest_run(self.atoms_stem), _highest_run(self.states_stem))
+        self.run = 1 + max(highest_number(stem, r"_step\d{5,}")
+                           for stem in (self.atoms_stem, self.states_stem))
         self.node_id, self.saved = node_id, []
 
     def paths(self, step: int) -> tuple[str, str]:
@@ -106,13 +107,3 @@ class PeriodicSaver:
         self.saved.append(state_path)
         log.info("%s: step %d saved to %s and %s", NODE, state.step, atoms_path, state_path)
         send_text(f"step {state.step}: saved {os.path.basename(atoms_path)}", self.node_id)
-
-
-def _highest_run(stem: str) -> int:
-    folder, base = os.path.split(stem)
-    pattern = re.compile(re.escape(base) + r"_(\d{5,})_step\d{5,}\.safetensors")
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return 0
-    return max((int(m.group(1)) for m in map(pattern.fullmatch, names) if m), default=0)

@@ -109,7 +109,7 @@ def _save_numbered(folder: str, target: str, name: str, what: str, write, *, ove
         write(target, overwrite=True)
         return target
     stem = target[: -len(".safetensors")]
-    number = _highest_number(stem) + 1
+    number = highest_number(stem) + 1
     for _ in range(_MAX_NUMBER_TRIES):
         path = f"{stem}_{number:05d}.safetensors"
         _check_name_length(path, name, what)
@@ -122,10 +122,11 @@ def _save_numbered(folder: str, target: str, name: str, what: str, write, *, ove
                           "while saving; nothing was written")
 
 
-def _highest_number(stem: str) -> int:
-    """The highest ``N`` of the files ``stem_N.safetensors`` present (0 if none)."""
+def highest_number(stem: str, tail: str = "") -> int:
+    """The highest ``N`` of the files ``stem_N<tail>.safetensors`` present (0 if none; ``tail``
+    a regular expression, e.g. ``_step\\d+``)."""
     folder, base = os.path.split(stem)
-    pattern = re.compile(re.escape(base) + r"_(\d{5,})\.safetensors")
+    pattern = re.compile(re.escape(base) + r"_(\d{5,})" + tail + r"\.safetensors")
     try:
         names = os.listdir(folder)
     except FileNotFoundError:

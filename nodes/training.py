@@ -311,10 +311,7 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     concept_conds = _broadcast_conds(concept.conds, len(concept.latents), "Train Sparse Concept")
     latents, conds = [concept.latents], concept_conds
     if prior is not None:
-        if prior.latents.shape[1:] != concept.latents.shape[1:]:
-            raise ValueError(f"prior latents have shape {tuple(prior.latents.shape[1:])}, the "
-                             f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
-        latents.append(prior.latents)
+        latents.append(_matching(prior, concept, "prior"))
         conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
     run_state = run_state or RunState()
     run_state.fingerprint = data_fingerprint(latents, len(concept.latents))
@@ -323,10 +320,7 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
         atoms = run_state.resume.atoms
     n_train = len(conds)
     if validation is not None:
-        if validation.latents.shape[1:] != concept.latents.shape[1:]:
-            raise ValueError(f"validation latents have shape {tuple(validation.latents.shape[1:])}, "
-                             f"the concept latents {tuple(concept.latents.shape[1:])}: they must match")
-        latents.append(validation.latents)
+        latents.append(_matching(validation, concept, "validation"))
         conds = conds + _broadcast_conds(validation.conds, len(validation.latents), "validation")
     unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
     run_state.validation = {i: cond_of[i] for i in range(n_train, len(cond_of))} or None
@@ -349,6 +343,14 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
                     "memory)", str(error).splitlines()[0][:200])
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
                       on_step, copy_saved=True, empty_index=empty_index, run_state=run_state)
+
+
+def _matching(extra: Dataset, concept: Dataset, name: str) -> torch.Tensor:
+    """``extra``'s latents, which must have the concept latents' shape per image."""
+    if extra.latents.shape[1:] != concept.latents.shape[1:]:
+        raise ValueError(f"{name} latents have shape {tuple(extra.latents.shape[1:])}, the "
+                         f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
+    return extra.latents
 
 
 def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved,
