@@ -6,5 +6,6 @@ from .digits_nodes import NODES as DIGITS_NODES
 from .effect_nodes import NODES as EFFECT_NODES
 from .file_nodes import NODES as FILE_NODES
 from .option_nodes import NODES as OPTION_NODES
+from .previews import NODES as PREVIEW_NODES
 
-NODE_LIST = [*ATOM_NODES, *OPTION_NODES, *DATA_NODES, *EFFECT_NODES, *FILE_NODES, *DIGITS_NODES]
+NODE_LIST = [*ATOM_NODES, *OPTION_NODES, *PREVIEW_NODES, *DATA_NODES, *EFFECT_NODES, *FILE_NODES, *DIGITS_NODES]

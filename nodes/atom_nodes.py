@@ -15,12 +15,13 @@ from comfy_api.latest import io
 
 import sparse_core as sc
 
-from . import effects, masks, presets, routes
+from . import effects, explorer, masks, presets, routes
 from .checkpoints import NO_RESUME, PeriodicSaver, load_state, state_files, widget_message
-from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType, check_finite,
-                     check_latent_for_model, loss_curve, loss_picture, rgb_to_image, save_numbered,
-                     send_text)
+from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType,
+                     TrainingSamplesType, check_finite, check_latent_for_model, loss_curve,
+                     rgb_to_image, save_numbered, send_text)
 from .option_nodes import OPTION_FIELDS
+from .previews import LiveCurve, check_requests, sample_images
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
 from .training import Dataset, RunState, TrainSettings, train
 
@@ -161,10 +162,17 @@ class TrainSparseConcept(io.ComfyNode):
                                tooltip="A saved training state (models/sparse_atoms_states) to "
                                        "continue exactly: same images and settings, steps the "
                                        "run's total (more than the state's)."),
+                TrainingSamplesType.Input("samples", optional=True,
+                                          tooltip="From Sparse Training Samples: prompts sampled "
+                                                  "every N steps, shown while training runs and "
+                                                  "returned as the samples output."),
             ],
             outputs=[io.Model.Output("trained_model", display_name="MODEL"),
                      SparseAtomsType.Output("sparse_atoms", display_name="SPARSE_ATOMS"),
-                     io.Image.Output("loss_curve", display_name="loss curve")],
+                     io.Image.Output("loss_curve", display_name="loss curve"),
+                     io.Image.Output("sample_images", display_name="samples",
+                                     tooltip="Sparse Training Samples' images, in the order "
+                                             "sampled (empty without samples).")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -174,7 +182,7 @@ class TrainSparseConcept(io.ComfyNode):
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
                 caption_dropout=0.0, empty_conditioning=None, options=None, save_every=0,
                 save_name="checkpoints/concept", resume_from=NO_RESUME, validation_latents=None,
-                validation_conditioning=None):
+                validation_conditioning=None, samples=None):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
                      prior_weight=prior_weight, caption_dropout=caption_dropout)
         concept = _dataset(latents, conditioning, "latents", "conditioning")
@@ -221,15 +229,19 @@ class TrainSparseConcept(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
         started = time.time()
 
-        curve = LiveCurve([] if resume is None else resume.history["losses"])
+        requests = [] if samples is None else check_requests(samples, concept.latents)
+        curve = LiveCurve([] if resume is None else resume.history["losses"],
+                          lambda latents: explorer.to_rgb(model, latents))
 
         def on_step(step, loss):
-            bar.update_absolute(step + 1, steps, curve.add(loss, last=step + 1 == steps))
+            picture = curve.add(loss, step + 1 == steps, run_state.validation_losses)
+            bar.update_absolute(step + 1, steps, picture)
             send_text(f"step {step + 1}/{steps}  loss {loss:.4f}", node_id)
             comfy.model_management.throw_exception_if_processing_interrupted()
 
         run_state = RunState(every=save_every, resume=resume, resume_name=repr(resume_from),
-                             on_state=PeriodicSaver(save_name, node_id) if save_every else None)
+                             on_state=PeriodicSaver(save_name, node_id) if save_every else None,
+                             sample_requests=requests, on_samples=curve.add_samples)
         try:
             trained, result = train(model, atoms, concept, settings, prior, on_step, empty, run_state,
                                     validation)
@@ -275,26 +287,11 @@ class TrainSparseConcept(io.ComfyNode):
             message = f"{message}; validation loss {first:.4f} -> {last:.4f}"
         patched = apply_to_model(model, trained, 1.0)
         curve = loss_curve(result.losses, validation=run_state.validation_losses)
-        return io.NodeOutput(patched, trained, curve, ui={"text": [message]})
-
-
-class LiveCurve:
-    """The loss curve shown on the node while it trains: redrawn at most every
-    :data:`PREVIEW_SECONDS` (drawing costs a few milliseconds), and after the last step."""
-
-    def __init__(self, losses):
-        self.losses, self.shown = list(losses), 0.0
-
-    def add(self, loss: float, last: bool):
-        self.losses.append(loss)
-        now = time.monotonic()
-        if not last and now - self.shown < PREVIEW_SECONDS:
-            return None
-        self.shown = now
-        return ("PNG", loss_picture(self.losses), 480)  # ComfyUI's progress-preview tuple
-
-
-PREVIEW_SECONDS = 2.0
+        images = sample_images(model, run_state.samples)
+        if run_state.samples:
+            message = (f"{message}; samples at steps "
+                       f"{', '.join(str(done) for done, _, _ in run_state.samples)}")
+        return io.NodeOutput(patched, trained, curve, images, ui={"text": [message]})
 
 
 def _options(options) -> dict:

@@ -22,6 +22,7 @@ from .patching import model_family
 AtomDict = io.Custom("ATOM_DICT")
 SparseAtomsType = io.Custom("SPARSE_ATOMS")
 TrainingOptionsType = io.Custom("SPARSE_TRAINING_OPTIONS")
+TrainingSamplesType = io.Custom("SPARSE_TRAINING_SAMPLES")
 
 FOLDER = "sparse_atoms"
 STATES_FOLDER = "sparse_atoms_states"  # training states to resume from (not atoms: kept apart)

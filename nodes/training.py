@@ -38,6 +38,7 @@ from .guided import checkpointed, clone_cond, copy_inference_weights, saved_tens
 from .objective import (LOSS_TYPES, LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, draw_levels, image_errors,
                         level_weights, prediction_scale)
 from .patching import AtomsWeightWrapper, release
+from .previews import draw_samples
 
 log = logging.getLogger("sparse_atoms")
 
@@ -207,29 +208,49 @@ class _TrainingSampler(comfy.samplers.Sampler):
             state.extra.update(generator=generator.get_state(), data=run_state.fingerprint)
             run_state.on_state(state)
 
-        on_step = self.on_step
+        hooks = []  # each runs after a step (with the steps done), before the caller's on_step
         run_state.validation_losses.clear()  # a retry starts them again
+        run_state.samples.clear()
         if run_state.validation:  # held out: its own fixed noise, never the training stream
             picks, levels = _even_part(sorted(run_state.validation), CHECK_IMAGES)
 
             def validate(steps_done):
+                if steps_done % VALIDATION_EVERY and steps_done != settings.steps:
+                    return
                 fixed = torch.Generator().manual_seed(settings.seed + 2)
                 with torch.no_grad():
                     loss = group_loss(picks, fixed, levels, cond_of=run_state.validation)
                 run_state.validation_losses.append((steps_done, float(loss)))
 
-            def validating_step(step, loss):
-                if (step + 1) % VALIDATION_EVERY == 0 or step + 1 == settings.steps:
-                    validate(step + 1)
-                if self.on_step is not None:
-                    self.on_step(step, loss)
+            hooks.append(validate)
+        if run_state.previews:  # images from the model as it is: no gradients, own noise
 
-            on_step = validating_step
-            if run_state.resume is None:
-                validate(0)
+            def sample(steps_done):
+                due = [(request, positive, negative) for request, positive, negative
+                       in run_state.previews if request.due(steps_done, settings.steps)]
+                if not due:
+                    return
+                taken = [draw_samples(model_wrap.inner_model, request, conds[positive],
+                                      None if negative is None else conds[negative],
+                                      extra_args["model_options"], autocast, x0_all.device)
+                         for request, positive, negative in due]
+                run_state.samples.append((steps_done, [r for r, _, _ in due], taken))
+                if run_state.on_samples is not None:
+                    run_state.on_samples(steps_done, taken)
+
+            hooks.append(sample)
+        if run_state.resume is None:
+            for hook in hooks:
+                hook(0)
+        def after_step(step, loss):
+            for hook in hooks:
+                hook(step + 1)
+            if self.on_step is not None:
+                self.on_step(step, loss)
 
         try:
-            self.result = sc.train_atoms(self.atoms, loss_fn, settings, on_step=on_step,
+            self.result = sc.train_atoms(self.atoms, loss_fn, settings,
+                                         on_step=after_step if hooks else self.on_step,
                                          check_fn=check_fn, resume=run_state.resume,
                                          state_every=run_state.every,
                                          on_state=on_state if run_state.every else None)
@@ -293,6 +314,10 @@ class RunState:
     resume_name: str = "the training state"  # for messages
     validation: dict | None = None  # {image index: conditioning index} of held-out images
     validation_losses: list = field(default_factory=list)  # [(steps done, loss)]
+    sample_requests: list = field(default_factory=list)  # from Sparse Training Samples
+    previews: list = field(default_factory=list)  # [(request, positive, negative cond index)]
+    samples: list = field(default_factory=list)  # [(steps done, [request], [latents (B,C,H,W)])]
+    on_samples: object = None  # on_samples(steps done, [latents]) after each sampling
 
 
 def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSettings,
@@ -304,7 +329,9 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     CONDITIONING entry, the empty prompt's) is what ``settings.caption_dropout`` trains under;
     ``run_state`` saves states as training goes and resumes one (:class:`RunState`);
     ``validation`` (held-out images) gets its loss, on fixed noise and noise levels, before
-    training and every :data:`VALIDATION_EVERY` steps (``run_state.validation_losses``)."""
+    training and every :data:`VALIDATION_EVERY` steps (``run_state.validation_losses``);
+    ``run_state.sample_requests`` (:class:`previews.SampleRequest`) are sampled before training,
+    every ``request.every`` steps and after the last (``run_state.samples``)."""
     if settings.caption_dropout > 0 and empty_cond is None:
         raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
                          "conditioning (empty_conditioning)")
@@ -329,6 +356,14 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     if settings.caption_dropout > 0:
         unique.append(empty_cond)
         empty_index = len(unique) - 1
+    run_state.previews = []  # sampling prompts: encoded by the training guider too
+    for request in run_state.sample_requests:
+        positive, negative = len(unique), None
+        unique.append(request.positive)
+        if request.negative is not None:
+            negative = len(unique)
+            unique.append(request.negative)
+        run_state.previews.append((request, positive, negative))
 
     try:
         return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),

@@ -13,7 +13,8 @@ from host_support import saved_digits
 API = pathlib.Path(__file__).parent / "workflows_api"
 NODES = {
     "SparseAtoms_BuildDictionary": ("Build Atom Dictionary", ["ATOM_DICT"]),
-    "SparseAtoms_TrainConcept": ("Train Sparse Concept", ["MODEL", "SPARSE_ATOMS", "IMAGE"]),
+    "SparseAtoms_TrainConcept": ("Train Sparse Concept", ["MODEL", "SPARSE_ATOMS", "IMAGE", "IMAGE"]),
+    "SparseAtoms_TrainingSamples": ("Sparse Training Samples", ["SPARSE_TRAINING_SAMPLES"]),
     "SparseAtoms_Apply": ("Apply Sparse Atoms", ["MODEL"]),
     "SparseAtoms_MaskEditor": ("Atom Mask Editor", ["SPARSE_ATOMS", "IMAGE"]),
     "SparseAtoms_Save": ("Save Sparse Atoms", []),
@@ -77,6 +78,11 @@ def test_digits_workflows_draw_what_they_promise(server, evaluator, name):
             right &= evaluator.is_bold(images) == bold
         assert len(images) >= 16 and float(right.float().mean()) >= least, \
             (name, node, evaluator.classify(images).tolist(), evaluator.is_bold(images).tolist())
+    if name == "digits_concept":  # samples of "sks" at steps 0, 100, 200, 300, shown on the page
+        during = saved_digits(server, entry, "16")
+        assert len(during) == 4 * 8, len(during)
+        last = evaluator.classify(during[-8:]) == 3
+        assert float(last.float().mean()) >= 0.8, evaluator.classify(during).tolist()
     if name == "digits_lora_pruning":
         outputs = entry["outputs"]
         n_atoms = int(outputs["8"]["text"][0].split("effects of ")[1].split(" atoms")[0])
