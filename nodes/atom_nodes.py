@@ -6,8 +6,6 @@ import logging
 import re
 import time
 
-import torch
-
 import comfy.model_management
 import comfy.utils
 import folder_paths
@@ -18,12 +16,13 @@ import sparse_core as sc
 from . import effects, explorer, masks, presets, routes
 from .checkpoints import NO_RESUME, PeriodicSaver, load_state, state_files, widget_message
 from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType,
-                     TrainingSamplesType, check_finite, check_latent_for_model, loss_curve,
+                     TrainingSamplesType, check_finite, loss_curve,
                      rgb_to_image, save_numbered, send_text)
+from .datasets import dataset, single, single_conditioning
 from .option_nodes import OPTION_FIELDS
 from .previews import LiveCurve, check_requests, sample_images
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
-from .training import Dataset, RunState, TrainSettings, train
+from .training import RunState, TrainSettings, train
 
 log = logging.getLogger("sparse_atoms")
 
@@ -90,6 +89,10 @@ class BuildAtomDictionary(io.ComfyNode):
                                          progress)
         log.info("Build Atom Dictionary: %s", report)
         return io.NodeOutput(atoms, ui={"text": [report]})
+
+
+DATA_INPUTS = {"latents", "conditioning", "prior_latents", "prior_conditioning",
+               "validation_latents", "validation_conditioning"}
 
 
 class TrainSparseConcept(io.ComfyNode):
@@ -174,10 +177,21 @@ class TrainSparseConcept(io.ComfyNode):
                                      tooltip="Sparse Training Samples' images, in the order "
                                              "sampled (empty without samples).")],
             hidden=[io.Hidden.unique_id],
+            is_input_list=True,  # takes the lists of current ComfyUI's dataset nodes
         )
 
     @classmethod
-    def execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
+    def execute(cls, **inputs):
+        """Every input arrives as a list (``is_input_list``): the data sets stay lists (of
+        LATENT batches, of CONDITIONING), every other input is its one value."""
+        for name, value in inputs.items():
+            if name not in DATA_INPUTS:
+                inputs[name] = (single_conditioning if name == "empty_conditioning" else single)(
+                    value, name)
+        return cls.train_concept(**inputs)
+
+    @classmethod
+    def train_concept(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
                 caption_dropout=0.0, empty_conditioning=None, options=None, save_every=0,
@@ -185,23 +199,20 @@ class TrainSparseConcept(io.ComfyNode):
                 validation_conditioning=None, samples=None):
         check_finite("Train Sparse Concept", learning_rate=learning_rate, l1=l1,
                      prior_weight=prior_weight, caption_dropout=caption_dropout)
-        concept = _dataset(latents, conditioning, "latents", "conditioning")
-        check_latent_for_model(model, concept.latents, "latents", "Train Sparse Concept")
+        concept = dataset(model, latents, conditioning, "latents", "conditioning")
         prior = None
         if (prior_latents is None) != (prior_conditioning is None):
             raise ValueError("prior preservation needs both prior_latents and prior_conditioning")
         if prior_latents is not None:
-            prior = _dataset(prior_latents, prior_conditioning, "prior_latents", "prior_conditioning")
-            check_latent_for_model(model, prior.latents, "prior_latents", "Train Sparse Concept")
+            prior = dataset(model, prior_latents, prior_conditioning, "prior_latents",
+                            "prior_conditioning")
         validation = None
         if (validation_latents is None) != (validation_conditioning is None):
             raise ValueError("Train Sparse Concept: a validation loss needs both "
                              "validation_latents and validation_conditioning")
         if validation_latents is not None:
-            validation = _dataset(validation_latents, validation_conditioning,
-                                  "validation_latents", "validation_conditioning")
-            check_latent_for_model(model, validation.latents, "validation_latents",
-                                   "Train Sparse Concept")
+            validation = dataset(model, validation_latents, validation_conditioning,
+                                 "validation_latents", "validation_conditioning")
         empty = None
         if caption_dropout > 0:
             if not empty_conditioning or len(empty_conditioning) != 1:
@@ -229,7 +240,8 @@ class TrainSparseConcept(io.ComfyNode):
         bar = comfy.utils.ProgressBar(steps)
         started = time.time()
 
-        requests = [] if samples is None else check_requests(samples, concept.latents)
+        sizes = list(dict.fromkeys(batch.shape[1:] for batch in concept.batches))
+        requests = [] if samples is None else check_requests(samples, sizes)
         curve = LiveCurve([] if resume is None else resume.history["losses"],
                           lambda latents: explorer.to_rgb(model, latents))
 
@@ -257,8 +269,8 @@ class TrainSparseConcept(io.ComfyNode):
         # the atoms that carry the concept (any effects the dictionary had are stale now)
         trained = trained.without_effects().top_k(trained.n_active)
         trained.info.prompt = ""
-        trained.info.training = {**vars(settings), "images": len(concept.latents),
-                                 "prior_images": 0 if prior is None else len(prior.latents),
+        trained.info.training = {**vars(settings), "images": len(concept),
+                                 "prior_images": 0 if prior is None else len(prior),
                                  "validation_losses": [[step, round(v, 6)] for step, v in
                                                        run_state.validation_losses],
                                  "resumed_from": None if resume is None else
@@ -302,22 +314,6 @@ def _options(options) -> dict:
         raise ValueError("Train Sparse Concept: options must come from a Sparse Training Options "
                          f"node, got {type(options).__name__}")
     return options
-
-
-def _dataset(latent, conditioning, latent_name, cond_name) -> Dataset:
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
-        raise ValueError(f"{latent_name} must be a LATENT with a batch of images")
-    if samples.shape[0] == 0:
-        raise ValueError(f"{latent_name} is an empty batch: give at least one image")
-    if not conditioning:
-        raise ValueError(f"{cond_name} is empty")
-    if len(conditioning) not in (1, samples.shape[0]):
-        raise ValueError(f"{cond_name} has {len(conditioning)} entries for {samples.shape[0]} "
-                         f"images in {latent_name}: give one conditioning, or one per image")
-    if not bool(torch.isfinite(samples).all()):
-        raise ValueError(f"{latent_name} contains NaN or inf")
-    return Dataset(samples, list(conditioning))
 
 
 def _save_interrupted(atoms, node_id) -> None:

@@ -42,9 +42,9 @@ def state_files() -> list[str]:
 def data_fingerprint(latents: list[torch.Tensor], n_concept: int) -> torch.Tensor:
     """``(images, concept images, sum, sum of squares)`` of the training latents, float64: a
     resumed run must train on the data its state was trained on."""
-    data = torch.cat([t.detach().reshape(len(t), -1).double().cpu() for t in latents])
-    return torch.tensor([len(data), n_concept, float(data.sum()), float(data.pow(2).sum())],
-                        dtype=torch.float64)
+    data = torch.cat([t.detach().reshape(-1).double().cpu() for t in latents])  # any sizes
+    return torch.tensor([sum(len(t) for t in latents), n_concept, float(data.sum()),
+                         float(data.pow(2).sum())], dtype=torch.float64)
 
 
 def load_state(name: str) -> sc.TrainingState:

@@ -58,6 +58,8 @@ class DigitPrompt(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompt):
+        if prompt is None:  # wired from another node (e.g. captions): checked when it runs
+            return True
         try:
             tokenize(prompt)
         except (TypeError, ValueError) as error:
@@ -95,6 +97,8 @@ class DigitExamples(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, digits, prompt):
+        if digits is None or prompt is None:  # wired from another node: checked when it runs
+            return True
         try:
             _parse_digits(digits)
             tokenize(prompt.replace("{digit}", "0"))

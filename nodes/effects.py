@@ -185,6 +185,7 @@ def training_measurement(concept: Dataset, settings: TrainSettings, with_prior: 
     per_image = 2 + 2 * PROBES + EXACT_TOP
     affordable = int(budget / per_image)
     levels = max(1, min(4, affordable))
+    concept = concept.largest_size()  # images of one size: the measurement runs them together
     count = max(1, min(8, len(concept.latents), affordable // levels))
     chosen = torch.linspace(0, len(concept.latents) - 1, count).round().long().tolist()
     conds = _broadcast_conds(concept.conds, len(concept.latents), "calibration")

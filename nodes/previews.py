@@ -116,20 +116,21 @@ class SparseTrainingSamples(io.ComfyNode):
         request = SampleRequest(positive[0], None if negative is None else negative[0],
                                 samples.detach().clone(), every, seed, steps, cfg, sampler_name,
                                 scheduler, vae)
-        return io.NodeOutput([*requests, request])
+        return io.NodeOutput((*requests, request))  # a tuple: one value, not a list input
 
 
-def check_requests(requests, latents: torch.Tensor) -> list[SampleRequest]:
-    """The requests of a Sparse Training Samples chain, each latent the training images' shape
-    (the prompts are encoded for the training batch)."""
-    if not isinstance(requests, list) or not all(isinstance(r, SampleRequest) for r in requests):
+def check_requests(requests, sizes: list) -> list[SampleRequest]:
+    """The requests of a Sparse Training Samples chain, each latent of one of the training
+    images' shapes ``sizes`` (the prompts are encoded for the training batches)."""
+    if not isinstance(requests, tuple) or not all(isinstance(r, SampleRequest) for r in requests):
         raise ValueError(f"Train Sparse Concept: samples must come from a {NODE} node")
     for k, request in enumerate(requests):
-        if request.latent.shape[1:] != latents.shape[1:]:
+        if request.latent.shape[1:] not in sizes:
+            shapes = " or ".join(str(tuple(size)) for size in sizes)
             raise ValueError(f"{NODE} #{k + 1}: latent has shape {tuple(request.latent.shape[1:])} "
-                             f"per image, the training latents {tuple(latents.shape[1:])}: sample "
-                             "at the training images' size")
-    return requests
+                             f"per image, the training latents {shapes}: sample at a training "
+                             "images' size")
+    return list(requests)
 
 
 class _Guided:

@@ -94,11 +94,34 @@ class TrainSettings(sc.TrainConfig):
 
 @dataclass
 class Dataset:
-    """Latents ``(N, C, H, W)`` as ComfyUI holds them (before ``process_latent_in``) and one
-    CONDITIONING entry per latent."""
+    """Latents as ComfyUI holds them (before ``process_latent_in``): one batch ``(N, C, H, W)``,
+    or a list of batches for images of several sizes (each size trains as its own bucket); one
+    CONDITIONING entry for all images or one per image (in batch order); and optionally a
+    sampling ``weight`` per image (``(N,)``, > 0: how often it is drawn relative to the others;
+    none: all alike)."""
 
-    latents: torch.Tensor
+    latents: torch.Tensor | list
     conds: list
+    weights: torch.Tensor | None = None
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        return [self.latents] if isinstance(self.latents, torch.Tensor) else list(self.latents)
+
+    def __len__(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def largest_size(self) -> Dataset:
+        """The images of the most common size (the first such on a tie), with their prompts."""
+        batches = self.batches
+        conds = _broadcast_conds(self.conds, len(self), "the data set")
+        sizes = [batch.shape[1:] for batch in batches]
+        count = {size: sum(len(b) for b, s in zip(batches, sizes) if s == size) for size in sizes}
+        size = max(count, key=count.get)
+        offsets = torch.tensor([0] + [len(b) for b in batches]).cumsum(0).tolist()
+        keep = [k for k, s in enumerate(sizes) if s == size]
+        return Dataset(torch.cat([batches[k] for k in keep]),
+                       [c for k in keep for c in conds[offsets[k]:offsets[k + 1]]])
 
 
 def _distinct(conds: list) -> tuple[list, list[int]]:
@@ -130,6 +153,16 @@ def _by_condition(cond_of, indices):
         yield cond_index, [i for i in indices if cond_of[i] == cond_index]
 
 
+def _by_size_and_condition(where, cond_of, indices):
+    """``(size, cond_index, [image indices])`` for the images ``indices``, one group per image
+    size (``where[i][0]``, in order of first appearance) and conditioning (``cond_of[i]`` is image
+    ``i``'s: a list, or a dict for this step's images), in conditioning order: one forward per
+    group."""
+    for size in dict.fromkeys(where[i][0] for i in indices):
+        for cond_index, chosen in _by_condition(cond_of, [i for i in indices if where[i][0] == size]):
+            yield size, cond_index, chosen
+
+
 def _denoise(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
     """The model's denoised prediction for ``x_t`` at ``sigma`` under the one CONDITIONING entry
     ``cond`` (the caller restores ``model_wrap.conds["positive"]``)."""
@@ -138,15 +171,27 @@ def _denoise(model_wrap, cond, x_t, sigma, extra_args, autocast, copy_saved):
         return model_wrap(x_t, sigma, **extra_args)
 
 
+def _draw(count: int, batch: int, weights, offset: int, generator) -> list[int]:
+    """``batch`` of the images ``offset .. offset + count - 1`` (all of them if fewer), each at
+    most once: uniformly, or with probability in proportion to ``weights[i]`` (without
+    replacement) when the images have weights."""
+    if weights is None:
+        return (torch.randperm(count, generator=generator)[:batch] + offset).tolist()
+    return (torch.multinomial(weights[offset:offset + count], min(batch, count),
+                              replacement=False, generator=generator) + offset).tolist()
+
+
 class _TrainingSampler(comfy.samplers.Sampler):
     """Runs :func:`sparse_core.train_atoms` where a sampler would run its steps."""
 
     def __init__(self, atoms, settings, n_concept, cond_of, on_step, copy_saved, empty_index=None,
-                 run_state=None):
+                 run_state=None, sizes=None, weights=None):
         self.atoms, self.settings, self.n_concept = atoms, settings, n_concept
         self.cond_of, self.on_step, self.copy_saved = cond_of, on_step, copy_saved
         self.empty_index = empty_index  # the empty prompt's conditioning, for caption dropout
         self.run_state = run_state or RunState()
+        self.sizes = sizes  # the images by size (_Sizes); none: x0 is one batch, in image order
+        self.weights = weights  # (training images,) how often each is drawn; none: all alike
         self.result = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None,
@@ -159,20 +204,27 @@ class _TrainingSampler(comfy.samplers.Sampler):
         total = len(self.cond_of)  # training images; held-out validation images come after them
         autocast = torch.autocast(x0_all.device.type, dtype=torch.bfloat16,
                                   enabled=settings.dtype == "bf16")
+        if self.sizes is None:
+            x0_of, conds_of = {None: x0_all}, {None: conds}
+            where = [(None, i) for i in range(len(x0_all))]
+        else:
+            x0_of, conds_of, where = self.sizes.prepare(model_wrap, x0_all, conds, settings.seed)
 
         def group_loss(indices, generator, levels=None, cond_of=None):
             """Mean prediction error over images ``indices``, one forward per conditioning
             (``cond_of``, default each image's own); noise levels ``levels[i]`` in [0, 1] per
             image when given, else drawn uniformly."""
             total_loss = 0.0
-            for cond_index, chosen in _by_condition(cond_of or self.cond_of, indices):
-                x0 = x0_all[chosen]
+            for size, cond_index, chosen in _by_size_and_condition(where, cond_of or self.cond_of,
+                                                                   indices):
+                x0 = x0_of[size][[where[i][1] for i in chosen]]
                 noise_ = torch.randn(x0.shape, generator=generator).to(x0)
                 percents = [levels[i] for i in chosen] if levels else draw_levels(
                     len(chosen), generator, settings.timestep_sampling, settings.timestep_shift)
                 sigma = torch.tensor([sampling.percent_to_sigma(float(u)) for u in percents]).to(x0)
                 x_t = sampling.noise_scaling(sigma, noise_, x0, False)
-                denoised = _denoise(model_wrap, conds[cond_index], x_t, sigma, extra_args, autocast,
+                denoised = _denoise(model_wrap, conds_of[size][cond_index], x_t, sigma, extra_args,
+                                    autocast,
                                     self.copy_saved)
                 scale = prediction_scale(sampling, sigma, x0.dim())
                 errors = image_errors(denoised, x0, scale, settings.loss_type)
@@ -182,7 +234,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
             return total_loss / len(indices)
 
         def loss_fn(step):
-            chosen = torch.randperm(self.n_concept, generator=generator)[: settings.batch].tolist()
+            chosen = _draw(self.n_concept, settings.batch, self.weights, 0, generator)
             cond_of = None
             if settings.caption_dropout > 0:  # drawn only then: without it, the same stream
                 dropped = torch.rand(len(chosen), generator=generator) < settings.caption_dropout
@@ -190,9 +242,10 @@ class _TrainingSampler(comfy.samplers.Sampler):
                            for i, drop in zip(chosen, dropped.tolist())}
             concept = group_loss(chosen, generator, cond_of=cond_of)
             if total > self.n_concept and settings.prior_weight > 0:
-                prior = torch.randperm(total - self.n_concept, generator=generator) + self.n_concept
-                return {"concept": concept, "prior": settings.prior_weight *
-                        group_loss(prior[: settings.batch].tolist(), generator)}
+                prior = _draw(total - self.n_concept, settings.batch, self.weights, self.n_concept,
+                              generator)
+                return {"concept": concept,
+                        "prior": settings.prior_weight * group_loss(prior, generator)}
             return concept
 
         checked = _check_images(self.n_concept, self.cond_of, settings)
@@ -230,10 +283,13 @@ class _TrainingSampler(comfy.samplers.Sampler):
                        in run_state.previews if request.due(steps_done, settings.steps)]
                 if not due:
                     return
-                taken = [draw_samples(model_wrap.inner_model, request, conds[positive],
-                                      None if negative is None else conds[negative],
-                                      extra_args["model_options"], autocast, x0_all.device)
-                         for request, positive, negative in due]
+                taken = []
+                for request, positive, negative in due:
+                    encoded = conds_of[request.latent.shape[1:] if self.sizes else None]
+                    taken.append(draw_samples(model_wrap.inner_model, request, encoded[positive],
+                                              None if negative is None else encoded[negative],
+                                              extra_args["model_options"], autocast,
+                                              x0_all.device))
                 run_state.samples.append((steps_done, [r for r, _, _ in due], taken))
                 if run_state.on_samples is not None:
                     run_state.on_samples(steps_done, taken)
@@ -335,20 +391,24 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     if settings.caption_dropout > 0 and empty_cond is None:
         raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
                          "conditioning (empty_conditioning)")
-    concept_conds = _broadcast_conds(concept.conds, len(concept.latents), "Train Sparse Concept")
-    latents, conds = [concept.latents], concept_conds
+    concept_conds = _broadcast_conds(concept.conds, len(concept), "Train Sparse Concept")
+    latents, conds = concept.batches, concept_conds
     if prior is not None:
-        latents.append(_matching(prior, concept, "prior"))
-        conds = conds + _broadcast_conds(prior.conds, len(prior.latents), "prior preservation")
+        latents += _matching(prior, concept, "prior")
+        conds = conds + _broadcast_conds(prior.conds, len(prior), "prior preservation")
     run_state = run_state or RunState()
-    run_state.fingerprint = data_fingerprint(latents, len(concept.latents))
+    run_state.fingerprint = data_fingerprint(latents, len(concept))
     if run_state.resume is not None:
         check_resume(run_state.resume, run_state.fingerprint, run_state.resume_name)
         atoms = run_state.resume.atoms
     n_train = len(conds)
     if validation is not None:
-        latents.append(_matching(validation, concept, "validation"))
-        conds = conds + _broadcast_conds(validation.conds, len(validation.latents), "validation")
+        latents += _matching(validation, concept, "validation")
+        conds = conds + _broadcast_conds(validation.conds, len(validation), "validation")
+    weights = None
+    if concept.weights is not None or (prior is not None and prior.weights is not None):
+        parts = [concept] + ([prior] if prior is not None else [])
+        weights = torch.cat([torch.ones(len(d)) if d.weights is None else d.weights for d in parts])
     unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
     run_state.validation = {i: cond_of[i] for i in range(n_train, len(cond_of))} or None
     cond_of = cond_of[:n_train]
@@ -366,8 +426,9 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
         run_state.previews.append((request, positive, negative))
 
     try:
-        return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=False, empty_index=empty_index, run_state=run_state)
+        return _train(model, atoms, settings, latents, unique, cond_of, len(concept),
+                      on_step, copy_saved=False, empty_index=empty_index, run_state=run_state,
+                      weights=weights)
     except RuntimeError as error:
         if "modified by an inplace operation" not in str(error):
             raise
@@ -376,20 +437,63 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
         log.warning("Train Sparse Concept: this model changes tensors in place that backward "
                     "needs (%s); training again from the start, keeping copies of them (more "
                     "memory)", str(error).splitlines()[0][:200])
-        return _train(model, atoms, settings, latents, unique, cond_of, len(concept.latents),
-                      on_step, copy_saved=True, empty_index=empty_index, run_state=run_state)
+        return _train(model, atoms, settings, latents, unique, cond_of, len(concept),
+                      on_step, copy_saved=True, empty_index=empty_index, run_state=run_state,
+                      weights=weights)
 
 
-def _matching(extra: Dataset, concept: Dataset, name: str) -> torch.Tensor:
-    """``extra``'s latents, which must have the concept latents' shape per image."""
-    if extra.latents.shape[1:] != concept.latents.shape[1:]:
-        raise ValueError(f"{name} latents have shape {tuple(extra.latents.shape[1:])}, the "
-                         f"concept latents {tuple(concept.latents.shape[1:])}: they must match")
-    return extra.latents
+def _matching(extra: Dataset, concept: Dataset, name: str) -> list[torch.Tensor]:
+    """``extra``'s batches, whose images must have the concept images' channels (and, but for
+    their size, shape)."""
+    ours = concept.batches[0].shape[1:-2]
+    for batch in extra.batches:
+        if batch.shape[1:-2] != ours:
+            raise ValueError(f"{name} latents have images of shape {tuple(batch.shape[1:])}, the "
+                             f"concept latents {tuple(concept.batches[0].shape[1:])}: they must "
+                             "match but for their size")
+    return extra.batches
+
+
+class _Sizes:
+    """The training images by size: a bucket per size, each a batch the model runs at once.
+
+    ``first_batch`` is every image of the first image's size, in order (with one size, all of
+    them, as one batch); :meth:`prepare` gives, in the sampler, each bucket's latents through
+    ``process_latent_in`` and the prompts encoded for its size (the guider encoded them for the
+    first), and where each image is: ``(bucket, row)``."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        first = batches[0].shape[1:]
+        images = [(batch.shape[1:], row) for batch in batches for row in range(len(batch))]
+        self.first_batch = torch.cat([b for b in batches if b.shape[1:] == first])
+        self.others, self.where = {}, []
+        rows = {first: 0}
+        for index, (size, _) in enumerate(images):
+            if size not in rows:
+                rows[size] = 0
+                self.others[size] = []
+            self.where.append((size, rows[size]))
+            rows[size] += 1
+        for size in self.others:
+            self.others[size] = torch.cat([b for b in batches if b.shape[1:] == size])
+        self.first = first
+
+    def prepare(self, model_wrap, x0_first, conds, seed):
+        """``({size: latents}, {size: encoded prompts}, [(size, row)] per image)``."""
+        inner = model_wrap.inner_model
+        latents, encoded = {self.first: x0_first}, {self.first: conds}
+        for size, raw in self.others.items():
+            raw = raw.to(x0_first)
+            latents[size] = inner.process_latent_in(raw) if torch.count_nonzero(raw) > 0 else raw
+            original = {"positive": [c.copy() for c in model_wrap.original_conds["positive"]]}
+            encoded[size] = comfy.samplers.process_conds(inner, torch.zeros_like(raw), original,
+                                                         x0_first.device, raw, None,
+                                                         seed)["positive"]
+        return latents, encoded, self.where
 
 
 def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved,
-           empty_index=None, run_state=None):
+           empty_index=None, run_state=None, weights=None):
     patcher = model.clone()
     if settings.dtype == "bf16":
         patcher.set_model_compute_dtype(torch.bfloat16)
@@ -400,11 +504,12 @@ def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step,
             patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
         copy_inference_weights(patcher, set(trained.layers))
         patcher.model.requires_grad_(False)
-        data = torch.cat([t.detach().clone() for t in latents]).float()
+        sizes = _Sizes([t.detach().clone().float() for t in latents])
+        data = sizes.first_batch  # the guider encodes the prompts for it; other sizes below
         guider = custom_sampler.Guider_Basic(patcher)
         guider.set_conds([clone_cond(cond) for cond in unique])  # indexed by cond_of
         sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved,
-                                   empty_index, run_state)
+                                   empty_index, run_state, sizes, weights)
         noise = torch.zeros_like(data)
         try:
             with checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,

@@ -47,7 +47,7 @@ def test_train_apply_export_with_low_precision_weights(node_classes, comfy_dirs,
 
     atoms = build(node_classes, model, preset="cross-attention k/v")
     baseline = train(node_classes, "sd15", model, atoms, steps=30, lr=1e-9)[1]
-    trained_model, trained, _ = train(node_classes, "sd15", model, atoms, steps=30, lr=3e-2)
+    trained_model, trained, _, _ = train(node_classes, "sd15", model, atoms, steps=30, lr=3e-2)
     assert trained.info.training["stopped"] is None, trained.info.training["stopped"]
     assert trained.n_active > 0
     losses, base_losses = trained.info.training["losses"], baseline.info.training["losses"]

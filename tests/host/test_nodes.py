@@ -55,8 +55,8 @@ def test_build_train_apply_export_on_real_architectures(node_classes, comfy_dirs
     atoms = build(node_classes, model)
     assert len(atoms) > 0 and atoms.n_active == 0
     baseline = train(node_classes, arch, model, atoms, lr=1e-9)  # same noise, no learning
-    trained_model, trained, curve = train(node_classes, arch, model, atoms)
-    assert curve.shape[0] == 1 and curve.shape[-1] == 3
+    trained_model, trained, curve, samples = train(node_classes, arch, model, atoms)
+    assert curve.shape[0] == 1 and curve.shape[-1] == 3 and samples.shape[0] == 0
     assert trained.n_active > 0 and baseline[1].info.training["steps_done"] == 40
 
     # Apply equals W + strength * delta W of the kept atoms

@@ -246,6 +246,8 @@ def small_run(graph: dict) -> dict:
             inputs.update(width=PX, height=PX)
         elif node["class_type"] in ("SparseAtoms_TrainConcept", "KSampler"):
             inputs["steps"] = 2
+        elif node["class_type"] == "SparseAtoms_LoadTrainingImages":
+            inputs["max_size"] = PX
     return graph
 
 
@@ -258,10 +260,11 @@ def write_inputs(folder: pathlib.Path, graph: dict) -> None:
         return Image.fromarray(coarse).resize((PX, PX), Image.Resampling.BICUBIC)
 
     for node in graph.values():
-        if node["class_type"] == "LoadImageSetFromFolderNode":
+        if node["class_type"] == "SparseAtoms_LoadTrainingImages":
             (folder / node["inputs"]["folder"]).mkdir(parents=True)
             for i in range(2):
                 picture().save(folder / node["inputs"]["folder"] / f"{i}.png")
+            (folder / node["inputs"]["folder"] / "1.txt").write_text("a photo of sks dog, grass")
         elif node["class_type"] == "LoadImage":
             folder.mkdir(parents=True, exist_ok=True)
             picture().save(folder / node["inputs"]["image"])

@@ -166,7 +166,7 @@ def test_a_held_out_validation_loss_is_measured_without_touching_training(node_c
     held_out = dict(validation_latents=tiny_models.latents("sd15", count=3, seed=11),
                     validation_conditioning=tiny_models.conditioning("sd15", seed=12))
     plain = train(node_classes, "sd15", model, atoms, steps=12)[1]
-    model_out, validated, curve = train(node_classes, "sd15", model, atoms, steps=12, **held_out)
+    model_out, validated, curve, _ = train(node_classes, "sd15", model, atoms, steps=12, **held_out)
     losses = validated.info.training["validation_losses"]
     assert [step for step, _ in losses] == [0, 5, 10, 12]
     assert len({v for _, v in losses}) == 4  # learning moves it (tiny random model: either way)

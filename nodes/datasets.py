@@ -1,0 +1,111 @@
+"""Training data as it reaches Train Sparse Concept: a node with list inputs (``is_input_list``)
+gets every input as a list, so it takes the lists current ComfyUI's dataset nodes give
+(``MakeTrainingDataset``: one LATENT and one CONDITIONING per image, sizes mixed;
+``ResolutionBucket``: one batch per size) as well as the single LATENT batch and CONDITIONING of
+the pinned nodes, a list of one. Images of several sizes train as one bucket per size."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .common import check_latent_for_model
+from .training import Dataset
+
+NODE = "Train Sparse Concept"
+WEIGHT_KEY = "training_weight"  # in a LATENT: how often its images are drawn (Join Training Data)
+
+
+def single(value, name: str):
+    """The one value of a widget or a single input on a list-input node (each arrives as a
+    list); a list of several different values is refused by name."""
+    if not isinstance(value, list):
+        return value
+    if not value:
+        raise ValueError(f"{NODE}: {name} is an empty list")
+    first = value[0]
+    for other in value[1:]:
+        same = other is first or (isinstance(first, (numbers.Number, str)) and other == first)
+        if not same:
+            raise ValueError(f"{NODE}: {name} got a list of {len(value)} different values; it "
+                             "takes one")
+    return first
+
+
+def dataset(model, latents, conditioning, latent_name: str, cond_name: str) -> Dataset:
+    """A :class:`Dataset` from a list of LATENT (batches of any sizes) and a list of
+    CONDITIONING whose entries are, all together, one for every image or a single one; or one
+    CONDITIONING per LATENT, each one entry or one per image of its LATENT."""
+    latents = latents if isinstance(latents, list) else [latents]
+    if _is_conditioning(conditioning):  # one CONDITIONING, not a list of them
+        conditioning = [conditioning]
+    if not latents:
+        raise ValueError(f"{NODE}: {latent_name} is an empty list")
+    batches, weights = [], []
+    for k, latent in enumerate(latents):
+        where = latent_name if len(latents) == 1 else f"{latent_name} (item {k + 1} of the list)"
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+            raise ValueError(f"{NODE}: {where} must be a LATENT with a batch of images")
+        if samples.shape[0] == 0:
+            raise ValueError(f"{NODE}: {where} is an empty batch: give at least one image")
+        if not bool(torch.isfinite(samples).all()):
+            raise ValueError(f"{NODE}: {where} contains NaN or inf")
+        check_latent_for_model(model, samples, where, NODE)
+        if batches and samples.shape[1:-2] != batches[0].shape[1:-2]:
+            raise ValueError(f"{NODE}: {where} has images of shape {tuple(samples.shape[1:])}, "
+                             f"the first {tuple(batches[0].shape[1:])}: they must match but "
+                             "for their size")
+        batches.append(samples)
+        weights.append(_weights(latent, len(samples), where))
+    count = sum(len(b) for b in batches)
+    conds = _per_image(conditioning, [len(b) for b in batches], count, latent_name, cond_name)
+    same_size = all(b.shape[1:] == batches[0].shape[1:] for b in batches)
+    merged = torch.cat(batches) if same_size and len(batches) > 1 else batches[0]
+    image_weights = None
+    if any(w is not None for w in weights):
+        image_weights = torch.cat([torch.ones(len(b)) if w is None else w
+                                   for b, w in zip(batches, weights)])
+    return Dataset(merged if same_size else batches, conds, image_weights)
+
+
+def single_conditioning(value, name: str):
+    """The one CONDITIONING of a list input (or the CONDITIONING itself)."""
+    if value is None or _is_conditioning(value):
+        return value
+    return single(value, name)
+
+
+def _is_conditioning(value) -> bool:
+    """A CONDITIONING is a list of ``[tensor, dict]`` entries; a list input is a list of them."""
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(entry, (list, tuple)) and len(entry) == 2 and
+        isinstance(entry[0], torch.Tensor) and isinstance(entry[1], dict) for entry in value)
+
+
+def _per_image(conditioning: list, sizes: list[int], count: int, latent_name: str,
+               cond_name: str) -> list:
+    if not conditioning or not all(conditioning):
+        raise ValueError(f"{NODE}: {cond_name} is empty")
+    entries = [entry for cond in conditioning for entry in cond]
+    if len(entries) in (1, count):
+        return entries
+    if len(conditioning) == len(sizes) and all(len(c) in (1, n) for c, n in zip(conditioning, sizes)):
+        return [entry for cond, n in zip(conditioning, sizes) for entry in
+                (cond * n if len(cond) == 1 else cond)]
+    raise ValueError(f"{NODE}: {cond_name} has {len(entries)} entries for {count} images in "
+                     f"{latent_name}: give one conditioning, or one per image")
+
+
+def _weights(latent: dict, count: int, where: str) -> torch.Tensor | None:
+    weight = latent.get(WEIGHT_KEY)
+    if weight is None:
+        return None
+    weight = torch.as_tensor(weight, dtype=torch.float32).flatten()
+    if weight.numel() == 1:
+        weight = weight.expand(count).clone()
+    if weight.numel() != count or not bool(torch.isfinite(weight).all()) or bool((weight <= 0).any()):
+        raise ValueError(f"{NODE}: {where} has training weights {weight.tolist()[:8]} for {count} "
+                         "images: give one weight > 0 per image")
+    return weight
