@@ -106,8 +106,12 @@ class TrainSparseConcept(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model to teach."),
                 io.Latent.Input("latents", tooltip="The concept's images, VAE-encoded (a batch)."),
                 io.Conditioning.Input("conditioning", tooltip="One prompt for all images, or one per image."),
-                AtomDict.Input("atom_dict", optional=True,
-                               tooltip="From Build Atom Dictionary; default: cross-attention k/v, 32 svd atoms per layer."),
+                io.MultiType.Input(
+                    AtomDict.Input("atom_dict", optional=True,
+                                   tooltip="From Build Atom Dictionary, or trained atoms (Load "
+                                           "Sparse Atoms, e.g. a saved step) to train further; "
+                                           "default: cross-attention k/v, 32 svd atoms per layer."),
+                    types=[AtomDict, SparseAtomsType]),
                 io.Latent.Input("prior_latents", optional=True,
                                 tooltip="Prior preservation: images of the class (e.g. the base "
                                         "model's own samples) so other prompts keep their meaning."),

@@ -259,6 +259,9 @@ class _TrainingSampler(comfy.samplers.Sampler):
 
         def on_state(state):
             state.extra.update(generator=generator.get_state(), data=run_state.fingerprint)
+            if run_state.validation_losses:  # so a resumed run's curve has them all
+                state.extra["validation_losses"] = torch.tensor(run_state.validation_losses,
+                                                                dtype=torch.float64)
             run_state.on_state(state)
 
         hooks = []  # each runs after a step (with the steps done), before the caller's on_step
@@ -266,6 +269,11 @@ class _TrainingSampler(comfy.samplers.Sampler):
         run_state.samples.clear()
         if run_state.validation:  # held out: its own fixed noise, never the training stream
             picks, levels = _even_part(sorted(run_state.validation), CHECK_IMAGES)
+            earlier = (run_state.resume.extra.get("validation_losses")
+                       if run_state.resume is not None else None)
+            if earlier is not None:
+                run_state.validation_losses.extend((int(step), value)
+                                                   for step, value in earlier.tolist())
 
             def validate(steps_done):
                 if steps_done % VALIDATION_EVERY and steps_done != settings.steps:
@@ -298,6 +306,9 @@ class _TrainingSampler(comfy.samplers.Sampler):
         if run_state.resume is None:
             for hook in hooks:
                 hook(0)
+        elif run_state.validation and run_state.resume.step not in {
+                step for step, _ in run_state.validation_losses}:
+            validate(run_state.resume.step)  # the state was saved before that step's validation
         def after_step(step, loss):
             for hook in hooks:
                 hook(step + 1)

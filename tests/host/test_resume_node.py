@@ -53,7 +53,9 @@ def test_a_resumed_run_is_the_run_that_never_stopped(node_classes, sd15):
                  prior_conditioning=tiny_models.conditioning("sd15", seed=2), caption_dropout=0.3,
                  empty_conditioning=tiny_models.conditioning("sd15", seed=9),
                  options=options(node_classes, lr_schedule="cosine", warmup_steps=3,
-                                 gradient_accumulation=2))
+                                 gradient_accumulation=2),
+                 validation_latents=tiny_models.latents("sd15", count=3, seed=11),
+                 validation_conditioning=tiny_models.conditioning("sd15", seed=12))
     whole = train(node_classes, "sd15", model, atoms, save_every=10, save_name="checkpoints/whole",
                   **extra)[1]
     resumed = train(node_classes, "sd15", model, atoms,
@@ -63,8 +65,16 @@ def test_a_resumed_run_is_the_run_that_never_stopped(node_classes, sd15):
     assert set(resumed.layers) == set(whole.layers)
     for key in whole:
         assert torch.equal(resumed.delta(key), whole.delta(key)), key
+    assert resumed.info.training["validation_losses"] == whole.info.training["validation_losses"]
+    assert [step for step, _ in whole.info.training["validation_losses"]] == [0, 5, 10, 15, 20, 24]
     # without the saved random state the same 14 steps take other batches and noise
     fresh = train(node_classes, "sd15", model, atoms, **{**extra, "steps": 14})[1]
+    # saved atoms (a step's file) go into atom_dict and train on from where they were
+    further = train(node_classes, "sd15", model, sc.load_atoms(os.path.join(
+        folder("sparse_atoms"), "checkpoints", "whole_00001_step00024.safetensors")), steps=1,
+        lr=1e-9)[1]
+    for key in whole:
+        torch.testing.assert_close(further.delta(key), whole.delta(key), rtol=1e-4, atol=1e-6)
     assert fresh.info.training["losses"] != whole.info.training["losses"][10:]
 
 

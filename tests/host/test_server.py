@@ -44,7 +44,8 @@ def test_object_info_lists_every_node_with_its_types(server):
             assert options.get("tooltip"), f"{node_id}.{name} has no tooltip"
             if spec[0] in ("INT", "FLOAT"):
                 assert "min" in options and "max" in options, (node_id, name)
-    assert info["SparseAtoms_TrainConcept"]["input"]["optional"]["atom_dict"][0] == "ATOM_DICT"
+    assert info["SparseAtoms_TrainConcept"]["input"]["optional"]["atom_dict"][0].split(",") == [
+        "ATOM_DICT", "SPARSE_ATOMS"]  # a dictionary, or trained atoms to train further
     assert info["SparseAtoms_Apply"]["input"]["required"]["sparse_atoms"][0] == "SPARSE_ATOMS"
 
 
