@@ -4,6 +4,7 @@ Screenshots go to $SPARSE_ATOMS_SCREENSHOTS (default: the pytest temporary direc
 """
 
 import base64
+import copy
 import io
 import json
 import math
@@ -81,6 +82,36 @@ def saved_images(server, entry):
                 from PIL import Image
                 images.append(np.asarray(Image.open(path)).astype(np.float32))
     return images
+
+
+def as_saved_by_newer_comfyui(workflow: dict) -> dict:
+    """``workflow`` as newer ComfyUI saves it: TrainLoraNode's outputs are lora, loss_map, steps
+    (upstream ``comfy_extras/nodes_train.py``), so its links leave from output 0, not 1."""
+    saved = copy.deepcopy(workflow)
+    node = next(n for n in saved["nodes"] if n["type"] == "TrainLoraNode")
+    outputs = {o["name"]: o for o in node["outputs"]}
+    node["outputs"] = [outputs["lora"], dict(outputs["loss"], name="loss_map"), outputs["steps"]]
+    for slot, output in enumerate(node["outputs"]):
+        output["slot_index"] = slot
+    for link in saved["links"]:
+        if link[1] == node["id"]:
+            link[2] = 0
+    return saved
+
+
+def test_a_graph_saved_by_newer_comfyui_queues_the_lora_from_its_moved_output(server):
+    """digits_lora_pruning.json as newer ComfyUI saves it: without the repair the page would queue
+    TrainLoraNode's MODEL (output 0 here) where LoRA to Sparse Atoms takes the LoRA; the extension
+    moves the links to the one output of that type, so the page queues the graph test_server.py
+    judges."""
+    path = WORKFLOWS / "digits_lora_pruning.json"
+    with frontend_page(server.url) as page:
+        page.evaluate("async (data) => { await window.app.loadGraphData(data); }",
+                      as_saved_by_newer_comfyui(json.loads(path.read_text())))
+        prompt = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+        assert not our_errors(page), page.errors
+    expected = json.loads((API / "digits_lora_pruning.json").read_text())
+    assert {k: v["inputs"] for k, v in prompt.items()} == {k: v["inputs"] for k, v in expected.items()}
 
 
 @pytest.mark.parametrize("path", NO_EXTERNAL_MODEL, ids=[p.stem for p in NO_EXTERNAL_MODEL])
