@@ -13,16 +13,17 @@ from comfy_api.latest import io
 
 import sparse_core as sc
 
-from . import effects, explorer, masks, presets, routes
+from . import explorer, masks, presets, routes
 from .checkpoints import NO_RESUME, PeriodicSaver, load_state, state_files, widget_message
 from .common import (CATEGORY, FOLDER, AtomDict, SparseAtomsType, TrainingOptionsType,
-                     TrainingSamplesType, check_finite, loss_curve,
-                     rgb_to_image, save_numbered, send_text)
+                     TrainingSamplesType, check_finite, rgb_to_image, save_numbered, send_text)
+from .concept import train_concept
 from .datasets import dataset, single, single_conditioning
+from .guided import Cancelled
 from .option_nodes import OPTION_FIELDS
-from .previews import LiveCurve, check_requests, sample_images
 from .patching import adaptable_layers, apply_to_model, check_fit, model_family, model_weights
-from .training import RunState, TrainSettings, train
+from .previews import LiveCurve, check_requests
+from .training import RunState, TrainSettings
 
 log = logging.getLogger("sparse_atoms")
 
@@ -192,10 +193,10 @@ class TrainSparseConcept(io.ComfyNode):
             if name not in DATA_INPUTS:
                 inputs[name] = (single_conditioning if name == "empty_conditioning" else single)(
                     value, name)
-        return cls.train_concept(**inputs)
+        return cls._execute(**inputs)
 
     @classmethod
-    def train_concept(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
+    def _execute(cls, model, latents, conditioning, steps, learning_rate, batch_size, l1,
                 atom_budget, tune_atoms, seed, training_dtype, gradient_checkpointing,
                 atom_dict=None, prior_latents=None, prior_conditioning=None, prior_weight=1.0,
                 caption_dropout=0.0, empty_conditioning=None, options=None, save_every=0,
@@ -242,8 +243,6 @@ class TrainSparseConcept(io.ComfyNode):
                                  **_options(options))
         node_id = cls.hidden.unique_id
         bar = comfy.utils.ProgressBar(steps)
-        started = time.time()
-
         sizes = list(dict.fromkeys(batch.shape[1:] for batch in concept.batches))
         requests = [] if samples is None else check_requests(samples, sizes)
         curve = LiveCurve([] if resume is None else resume.history["losses"],
@@ -259,55 +258,18 @@ class TrainSparseConcept(io.ComfyNode):
                              on_state=PeriodicSaver(save_name, node_id) if save_every else None,
                              sample_requests=requests, on_samples=curve.add_samples)
         try:
-            trained, result = train(model, atoms, concept, settings, prior, on_step, empty, run_state,
-                                    validation)
+            run = train_concept(model, atoms, concept, settings, run_state=run_state,
+                                on_step=on_step, prior=prior, validation=validation,
+                                empty_cond=empty, resume_file=resume_from, node_id=node_id)
         except ValueError as error:
             if str(error).startswith("resume:"):
                 raise ValueError(widget_message(error)) from None
             raise
-        except comfy.model_management.InterruptProcessingException as interrupt:
-            _save_interrupted(getattr(interrupt, "partial_atoms", None), node_id)
+        except Cancelled as cancelled:  # the atoms of the last completed step are kept
+            _save_interrupted(cancelled.atoms, node_id)
             raise
-        if result.no_working_state:
-            raise ValueError(f"Train Sparse Concept: {result.stopped}")
-        # the atoms that carry the concept (any effects the dictionary had are stale now)
-        trained = trained.without_effects().top_k(trained.n_active)
-        trained.info.prompt = ""
-        trained.info.training = {**vars(settings), "images": len(concept),
-                                 "prior_images": 0 if prior is None else len(prior),
-                                 "validation_losses": [[step, round(v, 6)] for step, v in
-                                                       run_state.validation_losses],
-                                 "resumed_from": None if resume is None else
-                                 {"file": resume_from, "step": resume.step},
-                                 "steps_done": result.steps_done, "stopped": result.stopped,
-                                 "warnings": result.warnings,
-                                 "losses": [round(v, 6) for v in result.losses[:: max(1, len(result.losses) // 2000)]],
-                                 "seconds": round(time.time() - started, 1)}
-        message = (f"{result.steps_done} steps, final loss {result.final_loss:.4f}; "
-                   f"{trained.n_atoms} atoms kept of {atoms.n_atoms}") if result.losses else "no step completed"
-        if result.stopped:
-            message = f"STOPPED EARLY: {result.stopped}. {message}"
-        for warning in result.warnings:
-            message = f"WARNING: {warning}. {message}"
-        if result.stopped or result.warnings:
-            log.warning("Train Sparse Concept: %s", message)
-        try:  # rank the kept atoms by their measured effect on the training images
-            trained, measured = effects.after_training(model, trained, concept, settings,
-                                                       prior is not None, node_id)
-        except comfy.model_management.InterruptProcessingException:
-            _save_interrupted(trained, node_id)
-            raise
-        message = f"{message}; {measured}"
-        if run_state.validation_losses:
-            first, last = run_state.validation_losses[0][1], run_state.validation_losses[-1][1]
-            message = f"{message}; validation loss {first:.4f} -> {last:.4f}"
-        patched = apply_to_model(model, trained, 1.0)
-        curve = loss_curve(result.losses, validation=run_state.validation_losses)
-        images = sample_images(model, run_state.samples)
-        if run_state.samples:
-            message = (f"{message}; samples at steps "
-                       f"{', '.join(str(done) for done, _, _ in run_state.samples)}")
-        return io.NodeOutput(patched, trained, curve, images, ui={"text": [message]})
+        return io.NodeOutput(run.model, run.atoms, run.loss_curve, run.samples,
+                             ui={"text": [run.message]})
 
 
 def _options(options) -> dict:

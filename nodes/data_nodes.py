@@ -14,8 +14,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .common import CATEGORY, check_finite
-from .datasets import WEIGHT_KEY
-from .training import _broadcast_conds
+from .datasets import WEIGHT_KEY, broadcast_conds
 
 NODE = "Join Training Data"
 SETS = 4
@@ -71,7 +70,7 @@ class JoinTrainingData(io.ComfyNode):
             if not weight > 0:
                 raise ValueError(f"{NODE}: weight_{k} must be > 0, got {weight}")
             latents.append(samples)
-            conds += _broadcast_conds(cond, len(samples), f"{NODE}: conditioning_{k}")
+            conds += broadcast_conds(cond, len(samples), f"{NODE}: conditioning_{k}")
             weights += [float(weight)] * len(samples)
         joined = {"samples": torch.cat(latents)}
         if any(w != 1.0 for w in weights):  # drawn in proportion to them (Train Sparse Concept)

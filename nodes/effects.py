@@ -27,16 +27,15 @@ import torch
 import comfy.model_management
 import comfy.samplers
 import comfy.utils
-import comfy_extras.nodes_custom_sampler as custom_sampler
 
 import sparse_core as sc
 
 from .common import send_text
 from .objective import prediction_scale
-from .guided import checkpointed, clone_cond, copy_inference_weights
-from .patching import AtomsWeightWrapper, check_fit, release
-from .training import (Dataset, TrainSettings, _broadcast_conds, _by_condition, _denoise, _distinct,
-                       _sampler_inputs)
+from .guided import run_guided
+from .patching import check_fit
+from .datasets import Dataset, broadcast_conds, distinct_conds
+from .training import TrainSettings, _by_condition, _denoise, _sampler_inputs
 
 EXACT_TOP = 16  # atoms whose effect is measured exactly (by removing each one)
 PROBES = 8  # random probes per batch of sparse_core.measure_effects' gradient estimate
@@ -66,7 +65,7 @@ class Calibration:
         if self.noise_levels < 1 or self.batch_size < 1:
             raise ValueError(f"noise_levels and batch_size must be >= 1, got {self.noise_levels} "
                              f"and {self.batch_size}")
-        self.conds = _broadcast_conds(list(self.conds), len(self.latents), "calibration")
+        self.conds = broadcast_conds(list(self.conds), len(self.latents), "calibration")
 
     @property
     def n_chunks(self) -> int:
@@ -188,7 +187,7 @@ def training_measurement(concept: Dataset, settings: TrainSettings, with_prior: 
     concept = concept.largest_size()  # images of one size: the measurement runs them together
     count = max(1, min(8, len(concept.latents), affordable // levels))
     chosen = torch.linspace(0, len(concept.latents) - 1, count).round().long().tolist()
-    conds = _broadcast_conds(concept.conds, len(concept.latents), "calibration")
+    conds = broadcast_conds(concept.conds, len(concept.latents), "calibration")
     calibration = Calibration(concept.latents[chosen], [conds[i] for i in chosen], noise_levels=levels,
                               seed=settings.seed, batch_size=settings.batch)
     if affordable >= 1:
@@ -242,40 +241,17 @@ class _CalibrationSampler(comfy.samplers.Sampler):
 
 
 def _with_retry(model, atoms, calibration, run, bf16=False, checkpointing=False):
-    try:
-        return _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved=False)
-    except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
-            raise
-        # As in training: models that update activations in place (ComfyUI's Flux) need copies
-        # of the tensors backward keeps.
-        return _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved=True)
+    """``run(wired, predict, n_batches)`` in :func:`guided.run_guided` over ``model`` with
+    ``atoms`` (if any) wired in; ``wired`` are those atoms (fp32, on the model's device), whose
+    coefficients ``run`` may change between ``predict`` calls."""
+    unique, cond_of = distinct_conds(calibration.conds)
 
+    def make_sampler(wired, copy_saved):
+        return _CalibrationSampler(calibration, cond_of,
+                                   lambda predict, n_batches: run(wired, predict, n_batches),
+                                   bf16, copy_saved)
 
-def _run(model, atoms, calibration, run, bf16, checkpointing, copy_saved):
-    """``run(wired, predict, n_batches)`` inside a guider over a clone of ``model`` with
-    ``atoms`` (if any) wired in as weight wrappers; ``wired`` are those atoms (fp32, on the
-    model's device), whose coefficients ``run`` may change between ``predict`` calls."""
-    patcher = model.clone()
-    if bf16:
-        patcher.set_model_compute_dtype(torch.bfloat16)
-    with torch.inference_mode(False):
-        wired = None if atoms is None else atoms.clone().to(patcher.load_device, dtype=torch.float32)
-        for key, layer in ({} if wired is None else wired.layers).items():
-            patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
-        copy_inference_weights(patcher, set() if wired is None else set(wired.layers))
-        patcher.model.requires_grad_(False)
-        data = calibration.latents.detach().clone().float()
-        unique, cond_of = _distinct(calibration.conds)
-        guider = custom_sampler.Guider_Basic(patcher)
-        guider.set_conds([clone_cond(cond) for cond in unique])  # indexed by cond_of
-        sampler = _CalibrationSampler(calibration, cond_of,
-                                      lambda predict, n_batches: run(wired, predict, n_batches),
-                                      bf16, copy_saved)
-        try:
-            with checkpointed(patcher.model.diffusion_model, checkpointing, copy_saved):
-                guider.sample(torch.zeros_like(data), data, sampler, torch.arange(len(data)),
-                              seed=calibration.seed, disable_pbar=True)
-        finally:
-            release(patcher)
+    _, sampler = run_guided(model, atoms, calibration.latents, unique, make_sampler,
+                            seed=calibration.seed, bf16=bf16, checkpointing=checkpointing,
+                            what="Measuring atom effects")
     return sampler.result

@@ -5,10 +5,79 @@ update activations in place, gradient checkpointing)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.utils._pytree
 import torch.utils.checkpoint
+
+import comfy.model_management
+import comfy_extras.nodes_custom_sampler as custom_sampler
+
+from .patching import AtomsWeightWrapper, release
+
+log = logging.getLogger("sparse_atoms")
+
+
+class Cancelled(comfy.model_management.InterruptProcessingException):
+    """The user cancelled a guided run; ``atoms`` are the wired atoms as the last completed
+    model call left them (CPU), for the caller to keep."""
+
+    def __init__(self, atoms):
+        super().__init__()
+        self.atoms = atoms
+
+
+def run_guided(model, atoms, latents: torch.Tensor, conds: list, make_sampler, *, seed: int,
+               bf16: bool = False, checkpointing: bool = False, what: str = "this run"):
+    """Run a sampler body with gradients on a clone of ComfyUI's ``model``: ``atoms`` (if any)
+    are cloned to fp32 on the model's device and wired in as differentiable weight wrappers
+    (``W + delta W``), the model's own weights copied where they are inference tensors, the
+    prompts ``conds`` (CONDITIONING entries) encoded by a ``Guider_Basic`` for ``latents``
+    ``(N, C, H, W)`` (which it passes through ``process_latent_in``), and
+    ``make_sampler(wired, copy_saved)`` (a ``comfy.samplers.Sampler``) run where sampling would
+    run. Returns ``(wired atoms, the sampler)``; the clone is released either way.
+
+    ``bf16`` computes in bfloat16; ``checkpointing`` recomputes each block in backward. A model
+    that updates activations in place (ComfyUI's Flux) makes autograd refuse: the run starts
+    again keeping copies of what backward needs (``copy_saved``), and the log says so. Cancelling
+    raises :class:`Cancelled` with the wired atoms."""
+    try:
+        return _run_guided(model, atoms, latents, conds, make_sampler, seed, bf16, checkpointing,
+                           copy_saved=False)
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        log.warning("%s: this model changes tensors in place that backward needs (%s); running "
+                    "again from the start, keeping copies of them (more memory)", what,
+                    str(error).splitlines()[0][:200])
+        return _run_guided(model, atoms, latents, conds, make_sampler, seed, bf16, checkpointing,
+                           copy_saved=True)
+
+
+def _run_guided(model, atoms, latents, conds, make_sampler, seed, bf16, checkpointing, copy_saved):
+    patcher = model.clone()
+    if bf16:
+        patcher.set_model_compute_dtype(torch.bfloat16)
+    with torch.inference_mode(False), torch.enable_grad():
+        wired = None if atoms is None else atoms.clone().to(patcher.load_device, dtype=torch.float32)
+        for key, layer in ({} if wired is None else wired.layers).items():
+            patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
+        copy_inference_weights(patcher, set() if wired is None else set(wired.layers))
+        patcher.model.requires_grad_(False)
+        data = latents.detach().clone().float()
+        guider = custom_sampler.Guider_Basic(patcher)
+        guider.set_conds([clone_cond(cond) for cond in conds])
+        sampler = make_sampler(wired, copy_saved)
+        try:
+            with checkpointed(patcher.model.diffusion_model, checkpointing, copy_saved):
+                guider.sample(torch.zeros_like(data), data, sampler, torch.arange(len(data)),
+                              seed=seed, disable_pbar=True)
+        except comfy.model_management.InterruptProcessingException:
+            raise Cancelled(None if wired is None else wired.to("cpu")) from None
+        finally:
+            release(patcher)
+    return wired, sampler
 
 
 def copy_inference_weights(patcher, adapted: set[str]) -> None:

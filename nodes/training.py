@@ -29,15 +29,14 @@ import torch
 
 import comfy.model_management
 import comfy.samplers
-import comfy_extras.nodes_custom_sampler as custom_sampler
 
 import sparse_core as sc
 
 from .checkpoints import check_resume, data_fingerprint
-from .guided import checkpointed, clone_cond, copy_inference_weights, saved_tensor_copies
+from .datasets import Dataset, ImagesBySize, broadcast_conds, distinct_conds
+from .guided import run_guided, saved_tensor_copies
 from .objective import (LOSS_TYPES, LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, draw_levels, image_errors,
                         level_weights, prediction_scale)
-from .patching import AtomsWeightWrapper, release
 from .previews import draw_samples
 
 log = logging.getLogger("sparse_atoms")
@@ -90,51 +89,6 @@ class TrainSettings(sc.TrainConfig):
         if not isinstance(self.gradient_checkpointing, bool):
             raise TypeError(f"gradient_checkpointing must be True or False, got "
                             f"{type(self.gradient_checkpointing).__name__}")
-
-
-@dataclass
-class Dataset:
-    """Latents as ComfyUI holds them (before ``process_latent_in``): one batch ``(N, C, H, W)``,
-    or a list of batches for images of several sizes (each size trains as its own bucket); one
-    CONDITIONING entry for all images or one per image (in batch order); and optionally a
-    sampling ``weight`` per image (``(N,)``, > 0: how often it is drawn relative to the others;
-    none: all alike)."""
-
-    latents: torch.Tensor | list
-    conds: list
-    weights: torch.Tensor | None = None
-
-    @property
-    def batches(self) -> list[torch.Tensor]:
-        return [self.latents] if isinstance(self.latents, torch.Tensor) else list(self.latents)
-
-    def __len__(self) -> int:
-        return sum(len(batch) for batch in self.batches)
-
-    def largest_size(self) -> Dataset:
-        """The images of the most common size (the first such on a tie), with their prompts."""
-        batches = self.batches
-        conds = _broadcast_conds(self.conds, len(self), "the data set")
-        sizes = [batch.shape[1:] for batch in batches]
-        count = {size: sum(len(b) for b, s in zip(batches, sizes) if s == size) for size in sizes}
-        size = max(count, key=count.get)
-        offsets = torch.tensor([0] + [len(b) for b in batches]).cumsum(0).tolist()
-        keep = [k for k, s in enumerate(sizes) if s == size]
-        return Dataset(torch.cat([batches[k] for k in keep]),
-                       [c for k in keep for c in conds[offsets[k]:offsets[k + 1]]])
-
-
-def _distinct(conds: list) -> tuple[list, list[int]]:
-    """The distinct conditioning objects and, per latent, the position of its own among them
-    (identical entries share one forward pass)."""
-    unique, cond_of = [], []
-    for cond in conds:
-        match = next((i for i, seen in enumerate(unique) if seen is cond), None)
-        if match is None:
-            unique.append(cond)
-            match = len(unique) - 1
-        cond_of.append(match)
-    return unique, cond_of
 
 
 def _sampler_inputs(model_wrap, latent_image, seed):
@@ -190,7 +144,7 @@ class _TrainingSampler(comfy.samplers.Sampler):
         self.cond_of, self.on_step, self.copy_saved = cond_of, on_step, copy_saved
         self.empty_index = empty_index  # the empty prompt's conditioning, for caption dropout
         self.run_state = run_state or RunState()
-        self.sizes = sizes  # the images by size (_Sizes); none: x0 is one batch, in image order
+        self.sizes = sizes  # the images by size (ImagesBySize); none: one batch, in order
         self.weights = weights  # (training images,) how often each is drawn; none: all alike
         self.result = None
 
@@ -359,15 +313,6 @@ def _check_images(n_concept: int, cond_of: list[int], settings: TrainSettings) -
     return parts
 
 
-def _broadcast_conds(conds: list, count: int, what: str) -> list:
-    if len(conds) == 1:
-        return [conds[0]] * count
-    if len(conds) != count:
-        raise ValueError(f"{what}: {len(conds)} conditionings for {count} latents; give one "
-                         "conditioning for all latents or one per latent")
-    return list(conds)
-
-
 @dataclass
 class RunState:
     """Saving and resuming a run: ``on_state(state)`` every ``every`` steps (0: never) gets a
@@ -402,11 +347,11 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     if settings.caption_dropout > 0 and empty_cond is None:
         raise ValueError(f"caption_dropout {settings.caption_dropout:g} needs the empty prompt's "
                          "conditioning (empty_conditioning)")
-    concept_conds = _broadcast_conds(concept.conds, len(concept), "Train Sparse Concept")
+    concept_conds = broadcast_conds(concept.conds, len(concept), "Train Sparse Concept")
     latents, conds = concept.batches, concept_conds
     if prior is not None:
         latents += _matching(prior, concept, "prior")
-        conds = conds + _broadcast_conds(prior.conds, len(prior), "prior preservation")
+        conds = conds + broadcast_conds(prior.conds, len(prior), "prior preservation")
     run_state = run_state or RunState()
     run_state.fingerprint = data_fingerprint(latents, len(concept))
     if run_state.resume is not None:
@@ -415,12 +360,12 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
     n_train = len(conds)
     if validation is not None:
         latents += _matching(validation, concept, "validation")
-        conds = conds + _broadcast_conds(validation.conds, len(validation), "validation")
+        conds = conds + broadcast_conds(validation.conds, len(validation), "validation")
     weights = None
     if concept.weights is not None or (prior is not None and prior.weights is not None):
         parts = [concept] + ([prior] if prior is not None else [])
         weights = torch.cat([torch.ones(len(d)) if d.weights is None else d.weights for d in parts])
-    unique, cond_of = _distinct(conds)  # identical prompts share one forward pass
+    unique, cond_of = distinct_conds(conds)  # identical prompts share one forward pass
     run_state.validation = {i: cond_of[i] for i in range(n_train, len(cond_of))} or None
     cond_of = cond_of[:n_train]
     empty_index = None
@@ -436,21 +381,17 @@ def train(model, atoms: sc.SparseAtoms, concept: Dataset, settings: TrainSetting
             unique.append(request.negative)
         run_state.previews.append((request, positive, negative))
 
-    try:
-        return _train(model, atoms, settings, latents, unique, cond_of, len(concept),
-                      on_step, copy_saved=False, empty_index=empty_index, run_state=run_state,
-                      weights=weights)
-    except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
-            raise
-        # Some diffusion models (ComfyUI's Flux, for one) update activations in place, which
-        # autograd refuses; saving copies of what backward needs makes them trainable.
-        log.warning("Train Sparse Concept: this model changes tensors in place that backward "
-                    "needs (%s); training again from the start, keeping copies of them (more "
-                    "memory)", str(error).splitlines()[0][:200])
-        return _train(model, atoms, settings, latents, unique, cond_of, len(concept),
-                      on_step, copy_saved=True, empty_index=empty_index, run_state=run_state,
-                      weights=weights)
+    sizes = ImagesBySize([t.detach().float() for t in latents])
+
+    def make_sampler(wired, copy_saved):
+        return _TrainingSampler(wired, settings, len(concept), cond_of, on_step, copy_saved,
+                                empty_index, run_state, sizes, weights)
+
+    trained, sampler = run_guided(model, atoms, sizes.first_batch, unique, make_sampler,
+                                  seed=settings.seed, bf16=settings.dtype == "bf16",
+                                  checkpointing=settings.gradient_checkpointing,
+                                  what="Train Sparse Concept")
+    return trained.to("cpu"), sampler.result
 
 
 def _matching(extra: Dataset, concept: Dataset, name: str) -> list[torch.Tensor]:
@@ -463,73 +404,3 @@ def _matching(extra: Dataset, concept: Dataset, name: str) -> list[torch.Tensor]
                              f"concept latents {tuple(concept.batches[0].shape[1:])}: they must "
                              "match but for their size")
     return extra.batches
-
-
-class _Sizes:
-    """The training images by size: a bucket per size, each a batch the model runs at once.
-
-    ``first_batch`` is every image of the first image's size, in order (with one size, all of
-    them, as one batch); :meth:`prepare` gives, in the sampler, each bucket's latents through
-    ``process_latent_in`` and the prompts encoded for its size (the guider encoded them for the
-    first), and where each image is: ``(bucket, row)``."""
-
-    def __init__(self, batches: list[torch.Tensor]):
-        first = batches[0].shape[1:]
-        images = [(batch.shape[1:], row) for batch in batches for row in range(len(batch))]
-        self.first_batch = torch.cat([b for b in batches if b.shape[1:] == first])
-        self.others, self.where = {}, []
-        rows = {first: 0}
-        for index, (size, _) in enumerate(images):
-            if size not in rows:
-                rows[size] = 0
-                self.others[size] = []
-            self.where.append((size, rows[size]))
-            rows[size] += 1
-        for size in self.others:
-            self.others[size] = torch.cat([b for b in batches if b.shape[1:] == size])
-        self.first = first
-
-    def prepare(self, model_wrap, x0_first, conds, seed):
-        """``({size: latents}, {size: encoded prompts}, [(size, row)] per image)``."""
-        inner = model_wrap.inner_model
-        latents, encoded = {self.first: x0_first}, {self.first: conds}
-        for size, raw in self.others.items():
-            raw = raw.to(x0_first)
-            latents[size] = inner.process_latent_in(raw) if torch.count_nonzero(raw) > 0 else raw
-            original = {"positive": [c.copy() for c in model_wrap.original_conds["positive"]]}
-            encoded[size] = comfy.samplers.process_conds(inner, torch.zeros_like(raw), original,
-                                                         x0_first.device, raw, None,
-                                                         seed)["positive"]
-        return latents, encoded, self.where
-
-
-def _train(model, atoms, settings, latents, unique, cond_of, n_concept, on_step, copy_saved,
-           empty_index=None, run_state=None, weights=None):
-    patcher = model.clone()
-    if settings.dtype == "bf16":
-        patcher.set_model_compute_dtype(torch.bfloat16)
-    device = patcher.load_device
-    with torch.inference_mode(False), torch.enable_grad():
-        trained = atoms.clone().to(device, dtype=torch.float32)
-        for key, layer in trained.layers.items():
-            patcher.add_weight_wrapper(f"{key}.weight", AtomsWeightWrapper(layer))
-        copy_inference_weights(patcher, set(trained.layers))
-        patcher.model.requires_grad_(False)
-        sizes = _Sizes([t.detach().clone().float() for t in latents])
-        data = sizes.first_batch  # the guider encodes the prompts for it; other sizes below
-        guider = custom_sampler.Guider_Basic(patcher)
-        guider.set_conds([clone_cond(cond) for cond in unique])  # indexed by cond_of
-        sampler = _TrainingSampler(trained, settings, n_concept, cond_of, on_step, copy_saved,
-                                   empty_index, run_state, sizes, weights)
-        noise = torch.zeros_like(data)
-        try:
-            with checkpointed(patcher.model.diffusion_model, settings.gradient_checkpointing,
-                               copy_saved):
-                guider.sample(noise, data, sampler, torch.arange(len(data)), seed=settings.seed,
-                              disable_pbar=True)
-        except comfy.model_management.InterruptProcessingException as interrupt:
-            interrupt.partial_atoms = trained.to("cpu")  # the last completed step, for the caller
-            raise
-        finally:
-            release(patcher)
-    return trained.to("cpu"), sampler.result

@@ -223,7 +223,7 @@ def test_two_cancels_in_one_second_keep_both_runs(node_classes, sd15, monkeypatc
         finally:
             comfy.utils.set_progress_bar_global_hook(None)
             mm.interrupt_current_processing(False)
-        partial.append(raised.value.partial_atoms)
+        partial.append(raised.value.atoms)
     folder = atoms_folder("interrupted")
     names = sorted(n for n in os.listdir(folder) if n.startswith("20250101-000000"))
     assert names == ["20250101-000000-node1_00001.safetensors", "20250101-000000-node1_00002.safetensors"]
