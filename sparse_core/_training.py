@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from ._atoms import SparseAtoms
+from ._checks import check_int
 from ._guard import LOWER_LR, REFERENCE_CHECKS, Guard, all_finite
 from ._schedules import budget_schedule, learning_rate_at
 from ._state import TrainingState, capture_state, resume_run
@@ -66,8 +67,11 @@ def sparse_step_(atoms: SparseAtoms, *, l1_threshold: float = 0.0, budget: int |
                  per_layer: bool = False, scores: dict[str, torch.Tensor] | None = None) -> None:
     """Normalise, soft-threshold by ``l1_threshold`` (= learning rate * l1 weight) and keep at most
     ``budget`` atoms with non-zero coefficients (over the model, or per layer), ranked by
-    ``scores`` (``{key: (m,)}``) when given, else by importance. In place."""
+    ``scores`` (``{key: (m,)}``) when given, else by importance. In place. ``budget`` means
+    what it means in :class:`TrainConfig`: ``None`` is no budget, else at least 1 atom."""
     l1_threshold = _number("l1_threshold", l1_threshold, positive=False)
+    if budget is not None and check_int("budget", budget) < 1:
+        raise ValueError(f"budget must be None (no budget) or >= 1 atom, got {budget}")
     for layer in atoms.layers.values():
         atom_norms = layer.atoms.norm(dim=1)
         readout_norms = layer.readouts.norm(dim=1)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,12 @@ def test_proximal_step_soft_thresholds_and_budget_keeps_the_top():
     assert atoms.n_active <= 3
     sc.sparse_step_(atoms, budget=1, per_layer=True)
     assert all(int((layer.coefficients != 0).sum()) <= 1 for layer in atoms.layers.values())
+    sc.sparse_step_(atoms, budget=np.int64(2))  # numpy integers are integers
+    assert 0 < atoms.n_active <= 2
+    for bad in (0, -1):  # one meaning of budget everywhere: None or at least one atom
+        with pytest.raises(ValueError, match=rf"budget must be None \(no budget\) or >= 1 atom, got {bad}"):
+            sc.sparse_step_(atoms, budget=bad)
+    assert atoms.n_active > 0  # nothing was zeroed by the refused call
 
 
 def test_budget_schedule_declines_from_all_to_the_budget():
