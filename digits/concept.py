@@ -18,12 +18,12 @@ from torch.func import functional_call
 
 import sparse_core as sc
 
+from .model import ARCHITECTURE
 from .presets import PRESETS
 from .prompts import tokenize, tokenize_many
 from .sampling import sample
 
 PREFIX = "diffusion_model."  # layer keys as ComfyUI names them, so files load there unchanged
-ARCHITECTURE = "digits-dit"
 
 
 @dataclass(kw_only=True)

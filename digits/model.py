@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ARCHITECTURE = "digits-dit"  # the name atoms files made for this model carry
+
 DEFAULT_CONFIG = dict(image_size=8, patch_size=2, in_channels=1, dim=64, depth=4, heads=4,
                       context_dim=64, mlp_ratio=4)
 

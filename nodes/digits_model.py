@@ -14,15 +14,15 @@ import comfy.supported_models_base
 
 from digits.checkpoint import MODEL_PATH, read_metadata, split_state
 from digits import model as digits_dit
-
-ARCHITECTURE = "digits-dit"
+from digits.model import ARCHITECTURE
 
 
 class DigitsLatentFormat(comfy.latent_formats.LatentFormat):
     latent_channels = 1
     scale_factor = 1.0
-    latent_rgb_factors = [[0.5, 0.5, 0.5]]  # previews: ink in [-1, 1] -> grey
-    latent_rgb_factors_bias = [0.5, 0.5, 0.5]
+    # ComfyUI's latent previews draw (x @ factors + bias + 1) / 2: the ink in [-1, 1] as it is,
+    # black background, white ink (what Digits to Image draws)
+    latent_rgb_factors = [[1.0, 1.0, 1.0]]
 
 
 class DigitsDiT(digits_dit.DigitsDiT):

@@ -1,4 +1,4 @@
-"""Measuring atom effects through ComfyUI's own machinery (the calibration side of issue 8).
+"""Measuring atom effects through ComfyUI's own machinery (the calibration side).
 
 The atoms enter the model as weight wrappers (``W + delta W`` evaluated at every forward, so
 :func:`sparse_core.measure_effects` can remove, isolate or gate atoms by changing their

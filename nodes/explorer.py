@@ -21,7 +21,6 @@ import comfy.sample
 import sparse_core as sc
 
 from .common import rgb_to_image
-from .digits_model import DigitsLatentFormat
 from .patching import apply_to_model
 
 MAX_STRIP = 4  # images of a batch shown per cell
@@ -85,9 +84,6 @@ def to_rgb(model, samples: torch.Tensor, vae=None) -> torch.Tensor:
     if vae is not None:
         pixels = vae.decode(samples)
         return pixels.reshape(-1, *pixels.shape[-3:])[..., :3].float().clamp(0, 1)
-    if isinstance(latent_format, DigitsLatentFormat):  # the image itself, ink in [-1, 1]
-        grey = ((samples.float() + 1) / 2).clamp(0, 1)
-        return grey.permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
     x = latent_format.process_in(samples.float())
     if x.ndim == 5:  # (B, C, T, H, W): the first frame
         x = x[:, :, 0]

@@ -11,8 +11,8 @@ For a frozen weight ``W (out, in, *kernel)`` a layer holds ``m`` atoms::
     delta W = D.T @ diag(s) @ C          (reshaped to W's shape)
 
 so the change of the layer's output is ``sum_i s_i (c_i . x) d_i``: a sparse combination of atoms.
-:meth:`AtomLayer.delta` is the only place where ``delta W`` is computed; patching, export,
-importance and pruning all go through it or through the same factors.
+:meth:`AtomLayer.factors` is the one source of ``delta W``: :meth:`AtomLayer.delta` multiplies
+them out (training's weight wrappers, export, importance), patching merges them into the weight.
 
 An atom's **importance** is its measured **effect** (``AtomLayer.effect``): how much the model's
 prediction on calibration data changes when the atom is removed (see :mod:`sparse_core._effects`).
@@ -126,7 +126,7 @@ class AtomLayer:
 
     def delta(self, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``delta W = D.T @ diag(s) @ C`` with the weight's shape, built on ``device`` in ``dtype``
-        from :meth:`factors` (the only place ``delta W`` is computed); callers cast the result to
+        from :meth:`factors` (the one source of ``delta W``); callers cast the result to
         the weight's dtype."""
         up, down = self.factors(device, dtype)
         return (up @ down).reshape(self.weight_shape)  # (out, in') -> weight_shape

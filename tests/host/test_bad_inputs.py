@@ -1,4 +1,4 @@
-"""Bad inputs and faults on the nodes (issue 10, DESIGN.md §5): NaN/inf numbers refused by name, no
+"""Bad inputs and faults on the nodes (DESIGN.md §5): NaN/inf numbers refused by name, no
 silent overwrite, no read or write outside the model folders through a link, LoRAs that fit only
 partly, and latents made for another model. Every case calls the real nodes on tiny models."""
 

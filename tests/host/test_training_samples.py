@@ -114,3 +114,19 @@ def test_bad_sample_inputs_are_refused_by_name(node_classes, digits):
         train_digits(node_classes, digits, 2, samples=wrong)
     with pytest.raises(ValueError, match="samples must come from a Sparse Training Samples node"):
         train_digits(node_classes, digits, 2, samples=[latent])
+
+
+def test_the_digits_latent_preview_draws_what_digits_to_image_draws(node_classes, digits):
+    """ComfyUI's own latent previewer (what KSampler shows while it samples) with the digits
+    model's factors: a black background and white ink, as Digits to Image draws the digit."""
+    import latent_preview
+
+    model, _, latent, _ = digits
+    fmt = model.get_model_object("latent_format")
+    preview = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
+    digit = latent["samples"][:1]
+    picture = torch.tensor(list(preview.decode_latent_to_preview(digit).convert("L").getdata()),
+                           dtype=torch.float32).reshape(8, 8) / 255
+    drawn = run_node(node_classes["SparseAtoms_DigitsToImage"], latent={"samples": digit}, scale=1)[0]
+    assert float(picture.min()) == 0.0  # the background is black, not grey
+    assert torch.allclose(picture, drawn[0, :, :, 0], atol=1 / 255 + 1e-6)
