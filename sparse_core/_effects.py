@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -51,7 +52,68 @@ class NonFiniteOutput(ValueError):
         super().__init__(f"predict({batch}) returned NaN or inf")
         self.batch = batch
 
-EFFECT_METHODS = ("auto", "jacobian", "taylor", "fisher", "exact")
+@dataclass(frozen=True)
+class _Estimator:
+    """One gradient estimate of every active atom's effect (the module docstring has the math).
+
+    Per batch it runs ``1 + base`` model calls: with ``base`` one forward with every atom
+    removed (``f_b(0)``, for the residual ``r_b``), then one forward with the atoms and a backward
+    pass per direction ``v`` of ``directions(output, residual, probes, generator)``; it sums
+    ``s_i v^T J_i`` (``signed``) or its square averaged over the directions, and ``finish(scores,
+    outputs, samples, residual_sq)`` turns the sums into effects."""
+
+    description: Callable[[int], str]
+    base: bool
+    signed: bool
+    directions: Callable
+    finish: Callable
+
+    @property
+    def calls_per_batch(self) -> int:
+        return 1 + int(self.base)
+
+
+def _random_signs(shape, generator, like: torch.Tensor) -> torch.Tensor:
+    signs = torch.randint(0, 2, shape, generator=generator)
+    return (2 * signs - 1).to(device=like.device, dtype=like.dtype)
+
+
+def _per_output_signs(output, residual, probes, generator):
+    return [_random_signs(tuple(output.shape), generator, output) for _ in range(probes)]
+
+
+def _per_sample_signs_times_residual(output, residual, probes, generator):
+    per_sample = (output.shape[0],) + (1,) * (output.ndim - 1) if output.ndim else ()
+    return [_random_signs(per_sample, generator, output) * residual for _ in range(probes)]
+
+
+def _zero_without_residual(finish):
+    def guarded(scores, outputs, samples, residual_sq):
+        if residual_sq == 0.0:
+            return {key: torch.zeros_like(score) for key, score in scores.items()}
+        return finish(scores, outputs, samples, residual_sq)
+    return guarded
+
+
+ESTIMATORS = {
+    "jacobian": _Estimator(
+        lambda probes: f"jacobian-norm estimate ({probes} random probes per batch)",
+        base=False, signed=False, directions=_per_output_signs,
+        finish=lambda scores, outputs, samples, residual_sq: {
+            key: (score / max(outputs, 1)).sqrt() for key, score in scores.items()}),
+    "taylor": _Estimator(
+        lambda probes: "first-order taylor estimate |s dL/ds|, L = distance to the base prediction",
+        base=True, signed=True, directions=lambda output, residual, probes, generator: [residual],
+        finish=_zero_without_residual(lambda scores, outputs, samples, residual_sq: {
+            key: score.abs() / math.sqrt(residual_sq * outputs) for key, score in scores.items()})),
+    "fisher": _Estimator(
+        lambda probes: f"per-sample fisher estimate ({probes} random probes per batch)",
+        base=True, signed=False, directions=_per_sample_signs_times_residual,
+        finish=_zero_without_residual(lambda scores, outputs, samples, residual_sq: {
+            key: (samples * score / (residual_sq * outputs)).sqrt()
+            for key, score in scores.items()})),
+}
+EFFECT_METHODS = ("auto", *ESTIMATORS, "exact")
 _AUTO = "jacobian"
 _METRIC = "rms change of the model prediction when the atom is removed"
 _PROBE_SEED = 0
@@ -88,7 +150,7 @@ def measure_effects(atoms: SparseAtoms, predict: Callable[[int], torch.Tensor], 
               for row in (layer.coefficients != 0).nonzero().flatten().tolist()]
     n_exact = len(active) if estimator == "exact" else min(exact_top, len(active))
     estimating = n_exact < len(active)
-    calls_per_batch = (({"jacobian": 1}.get(estimator, 2) if estimating else 0)
+    calls_per_batch = ((ESTIMATORS[estimator].calls_per_batch if estimating else 0)
                        + (1 + n_exact if n_exact else 0))
     counter = _Progress(progress, calls_per_batch * n_batches)
     estimates = None
@@ -104,7 +166,7 @@ def measure_effects(atoms: SparseAtoms, predict: Callable[[int], torch.Tensor], 
     if estimator == "exact" or not estimating:
         how = f"exact ablation of all {len(active)} active atoms"
     else:
-        how = _describe(estimator, probes)
+        how = ESTIMATORS[estimator].description(probes)
         how += f" + exact ablation of the top {n_exact}" if n_exact else ""
     result.info.effects = {
         "method": how,
@@ -210,9 +272,10 @@ def _ablate(atoms, predict, targets: list[tuple[str, int]], n_batches: int, coun
     return torch.tensor([math.sqrt(sq / max(outputs, 1)) for sq in squares], dtype=torch.float32)
 
 
-def _estimate(atoms, predict, n_batches: int, estimator: str, probes: int, counter
+def _estimate(atoms, predict, n_batches: int, name: str, probes: int, counter
               ) -> dict[str, torch.Tensor]:
-    """Gradient estimates ``{key: (m,) float64 CPU}`` (see the module docstring)."""
+    """Gradient estimates ``{key: (m,) float64 CPU}`` by ``ESTIMATORS[name]``."""
+    estimator = ESTIMATORS[name]
     generator = torch.Generator().manual_seed(_PROBE_SEED)  # on CPU: the same probes on any device
     saved = {key: layer.coefficients for key, layer in atoms.layers.items()}
     keys = [key for key, s in saved.items() if bool((s != 0).any())]
@@ -222,7 +285,7 @@ def _estimate(atoms, predict, n_batches: int, estimator: str, probes: int, count
     with _Swapped(atoms) as swap:
         for batch in range(n_batches):
             base = None
-            if estimator != "jacobian":
+            if estimator.base:
                 for key in saved:
                     swap.set(key, torch.zeros_like(saved[key]))
                 with torch.no_grad():
@@ -248,7 +311,7 @@ def _estimate(atoms, predict, n_batches: int, estimator: str, probes: int, count
                 residual = None if base is None else (output.detach() - base.to(output.dtype))
                 if residual is not None:
                     residual_sq += float(residual.to(wide).pow(2).sum())
-                directions = _directions(estimator, output, residual, probes, generator)
+                directions = estimator.directions(output, residual, probes, generator)
                 for p, direction in enumerate(directions):
                     last = p == len(directions) - 1
                     grads = torch.autograd.grad(output, [leaves[k] for k in keys], direction,
@@ -258,33 +321,11 @@ def _estimate(atoms, predict, n_batches: int, estimator: str, probes: int, count
                             continue
                         change = (leaves[key].detach() * grad).cpu().double()  # s_i * v^T J_i
                         squared = change.pow(2) / len(directions)
-                        scores[key] += change if estimator == "taylor" else squared
+                        scores[key] += change if estimator.signed else squared
             counter.step()
             for key in saved:
                 swap.reset(key)
-    if estimator == "jacobian":
-        return {key: (score / max(outputs, 1)).sqrt() for key, score in scores.items()}
-    if residual_sq == 0.0:
-        return {key: torch.zeros_like(score) for key, score in scores.items()}
-    if estimator == "taylor":
-        return {key: score.abs() / math.sqrt(residual_sq * outputs) for key, score in scores.items()}
-    return {key: (samples * score / (residual_sq * outputs)).sqrt() for key, score in scores.items()}
-
-
-def _directions(estimator: str, output: torch.Tensor, residual, probes: int, generator):
-    """The vectors ``v`` whose ``v^T J`` the backward passes compute, shaped like ``output``."""
-    if estimator == "taylor":
-        return [residual]
-    directions = []
-    for _ in range(probes):
-        if estimator == "jacobian":  # random signs per output
-            signs = torch.randint(0, 2, tuple(output.shape), generator=generator)
-        else:  # random signs per sample, times the residual
-            per_sample = (output.shape[0],) + (1,) * (output.ndim - 1) if output.ndim else ()
-            signs = torch.randint(0, 2, per_sample, generator=generator)
-        signs = (2 * signs - 1).to(device=output.device, dtype=output.dtype)
-        directions.append(signs if estimator == "jacobian" else signs * residual)
-    return directions
+    return estimator.finish(scores, outputs, samples, residual_sq)
 
 
 def _merge(atoms, estimates, exact, rest, measured: torch.Tensor):
@@ -313,12 +354,6 @@ def _merge(atoms, estimates, exact, rest, measured: torch.Tensor):
         value = torch.tensor(float(estimates[key][row]) * scale, dtype=torch.float32)
         values[key][row] = value if below is None else torch.minimum(value, below.clamp_min(0))
     return values, scale
-
-
-def _describe(estimator: str, probes: int) -> str:
-    return {"jacobian": f"jacobian-norm estimate ({probes} random probes per batch)",
-            "taylor": "first-order taylor estimate |s dL/ds|, L = distance to the base prediction",
-            "fisher": f"per-sample fisher estimate ({probes} random probes per batch)"}[estimator]
 
 
 def _check_common(atoms, predict, n_batches, progress) -> None:
