@@ -252,9 +252,10 @@ def train_atoms(
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        if guard.changed:
-            stripped = atoms.without_effects()
-            atoms.layers, atoms.info = stripped.layers, stripped.info
+        if guard.changed:  # measured effects are stale now; the layers stay the same objects
+            for layer in atoms.layers.values():
+                layer.effect = None
+            atoms.info = replace(atoms.info, effects={})
     del result.losses[guard.working_step:], result.growth[guard.working_step:]
     del result.learning_rates[guard.working_step:], result.gradient_norms[guard.working_step:]
     for values in result.parts.values():

@@ -158,9 +158,11 @@ def test_training_drops_stale_effects_but_a_run_that_changed_nothing_keeps_them(
     untouched = sc.train_atoms(atoms, lambda step: loss(step) * float("nan"), steps=3, lr=0.05)
     assert untouched.steps_done == 0 and atoms.importance_kind == "effect"
 
+    held = atoms["w"]  # a caller's (or a weight wrapper's) reference to the layer
     sc.train_atoms(atoms, loss, steps=3, lr=0.05)
     assert atoms.importance_kind == "weight norm" and atoms["w"].effect is None
     assert atoms.info.effects == {}
+    assert atoms["w"] is held  # the same layer object, not a stale copy
 
 
 @pytest.mark.parametrize("fields, error, match", [
