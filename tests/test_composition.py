@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import sparse_core as sc
+
 from digits import attributes, composition
 from digits.checkpoint import load_model
 from digits.concept import ConceptSettings, flow_loss
@@ -78,7 +80,8 @@ def test_cfg_dropout_trains_that_share_under_the_empty_prompt(model):
 
 
 def test_demo_writes_the_composed_prompt_and_its_samples(tmp_path):
-    """A short demo (60 training steps): the files and report keys, not the quality."""
+    """A short demo (60 training steps): its files, and its scores are what the evaluator says of
+    the PNGs it saved (not the quality: 60 steps)."""
     report = run(str(tmp_path), settings=ConceptSettings(steps=60), per_prompt=32, quiet=True)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["composed_prompt"] == COMPOSED_PROMPT == report["composed_prompt"]
@@ -88,4 +91,21 @@ def test_demo_writes_the_composed_prompt_and_its_samples(tmp_path):
         assert len(pngs) >= 32, prompt
     for key in ("composition", "composed_digit_share", "composed_bold_share", "concept_bold_share"):
         assert 0.0 <= saved[key] <= 1.0
-    assert (tmp_path / f"{STYLE_WORD}_atoms.safetensors").stat().st_size > 0
+    # the report's scores are the evaluator's verdict on the very images saved as PNGs
+    import numpy as np
+    from PIL import Image
+
+    from digits.evaluator import DigitEvaluator
+
+    folder = tmp_path / "samples" / COMPOSED_PROMPT
+    saved_images = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(folder / name), dtype=np.float32))[None] / 127.5 - 1
+        for name in sorted(os.listdir(folder))])
+    assert saved_images.shape[1:] == (1, 8, 8)
+    evaluator = DigitEvaluator.fit()
+    assert evaluator.share(saved_images, saved["concept_digit"]) == pytest.approx(
+        saved["composed_digit_share"], abs=2 / len(saved_images))  # 8-bit rounding may flip one
+    assert float(evaluator.is_bold(saved_images).float().mean()) == pytest.approx(
+        saved["composed_bold_share"], abs=2 / len(saved_images))
+    style = sc.load_atoms(str(tmp_path / f"{STYLE_WORD}_atoms.safetensors"))
+    assert style.n_atoms == saved["style_atoms_kept"] > 0  # the style's kept atoms, loadable
