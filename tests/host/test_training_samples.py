@@ -1,6 +1,7 @@
 """Sparse Training Samples: images sampled every N steps while Train Sparse Concept runs, with the
 model's own sampler, shown on the node and returned as an IMAGE batch."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,8 +126,8 @@ def test_the_digits_latent_preview_draws_what_digits_to_image_draws(node_classes
     fmt = model.get_model_object("latent_format")
     preview = latent_preview.Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias)
     digit = latent["samples"][:1]
-    picture = torch.tensor(list(preview.decode_latent_to_preview(digit).convert("L").getdata()),
-                           dtype=torch.float32).reshape(8, 8) / 255
+    grey = np.asarray(preview.decode_latent_to_preview(digit).convert("L"), dtype=np.float32)
+    picture = torch.from_numpy(grey) / 255
     drawn = run_node(node_classes["SparseAtoms_DigitsToImage"], latent={"samples": digit}, scale=1)[0]
     assert float(picture.min()) == 0.0  # the background is black, not grey
     assert torch.allclose(picture, drawn[0, :, :, 0], atol=1 / 255 + 1e-6)
