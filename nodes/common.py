@@ -167,6 +167,34 @@ def check_finite(node: str, **values) -> None:
             raise ValueError(f"{node}: {input_name} must be a finite number, got {value!r}")
 
 
+def latent_images(latent, name: str, node: str, model=None) -> torch.Tensor:
+    """The image batch ``(B, C, H, W)`` of ``node``'s LATENT input ``name``: at least one image,
+    finite and, given ``model``, of its channels and a size it runs
+    (:func:`check_latent_for_model`); else a ValueError that names the input. The one check of a
+    LATENT input, for every node."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
+        got = (type(latent).__name__ if not isinstance(samples, torch.Tensor) else
+               "an empty batch" if samples.ndim >= 4 else f"shape {tuple(samples.shape)}")
+        raise ValueError(f"{node}: {name} must be a LATENT with at least one image, got {got}")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError(f"{node}: {name} contains NaN or inf")
+    if model is not None:
+        check_latent_for_model(model, samples, name, node)
+    return samples
+
+
+def conditioning_per_image(conditioning, count: int, name: str, images: str, node: str) -> list:
+    """``node``'s CONDITIONING input ``name`` as one entry per image of its ``count`` images
+    (input ``images``): its one entry repeated, or its entries, one per image."""
+    if not conditioning:
+        raise ValueError(f"{node}: {name} is empty")
+    if len(conditioning) not in (1, count):
+        raise ValueError(f"{node}: {name} has {len(conditioning)} entries for {count} images in "
+                         f"{images}: give one, or one per image")
+    return [conditioning[0]] * count if len(conditioning) == 1 else list(conditioning)
+
+
 def check_latent_for_model(model, samples: torch.Tensor, input_name: str, node: str) -> None:
     """``samples (B, C, H, W)`` must have the channels of ``model``'s latents
     (``latent_format.latent_channels``) and a size its diffusion model can run (see

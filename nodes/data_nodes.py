@@ -13,8 +13,8 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from .common import CATEGORY, check_finite
-from .datasets import WEIGHT_KEY, broadcast_conds
+from .common import CATEGORY, check_finite, conditioning_per_image, latent_images
+from .datasets import WEIGHT_KEY
 
 NODE = "Join Training Data"
 SETS = 4
@@ -56,21 +56,17 @@ class JoinTrainingData(io.ComfyNode):
                 given, missing = (f"latents_{k}", f"conditioning_{k}") if cond is None else \
                     (f"conditioning_{k}", f"latents_{k}")
                 raise ValueError(f"{NODE}: {given} is connected but {missing} is not: give both")
-            samples = latent.get("samples") if isinstance(latent, dict) else None
-            if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or len(samples) == 0:
-                raise ValueError(f"{NODE}: latents_{k} must be a LATENT with a batch of images")
+            samples = latent_images(latent, f"latents_{k}", NODE)
             if latents and samples.shape[1:] != latents[0].shape[1:]:
                 raise ValueError(f"{NODE}: latents_{k} has images of shape {tuple(samples.shape[1:])}, "
                                  f"the first set {tuple(latents[0].shape[1:])}: they must match")
-            if len(cond) not in (1, len(samples)):
-                raise ValueError(f"{NODE}: conditioning_{k} has {len(cond)} entries for "
-                                 f"{len(samples)} images in latents_{k}: give one, or one per image")
             weight = sets.get(f"weight_{k}", 1.0)
             check_finite(NODE, **{f"weight_{k}": weight})
             if not weight > 0:
                 raise ValueError(f"{NODE}: weight_{k} must be > 0, got {weight}")
             latents.append(samples)
-            conds += broadcast_conds(cond, len(samples), f"{NODE}: conditioning_{k}")
+            conds += conditioning_per_image(cond, len(samples), f"conditioning_{k}",
+                                            f"latents_{k}", NODE)
             weights += [float(weight)] * len(samples)
         joined = {"samples": torch.cat(latents)}
         if any(w != 1.0 for w in weights):  # drawn in proportion to them (Train Sparse Concept)

@@ -16,7 +16,7 @@ import torch
 
 import comfy.samplers
 
-from .common import check_latent_for_model
+from .common import latent_images
 
 NODE = "Train Sparse Concept"
 WEIGHT_KEY = "training_weight"  # in a LATENT: how often its images are drawn (Join Training Data)
@@ -140,14 +140,7 @@ def dataset(model, latents, conditioning, latent_name: str, cond_name: str) -> D
     batches, weights = [], []
     for k, latent in enumerate(latents):
         where = latent_name if len(latents) == 1 else f"{latent_name} (item {k + 1} of the list)"
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
-            raise ValueError(f"{NODE}: {where} must be a LATENT with a batch of images")
-        if samples.shape[0] == 0:
-            raise ValueError(f"{NODE}: {where} is an empty batch: give at least one image")
-        if not bool(torch.isfinite(samples).all()):
-            raise ValueError(f"{NODE}: {where} contains NaN or inf")
-        check_latent_for_model(model, samples, where, NODE)
+        samples = latent_images(latent, where, NODE, model)
         if batches and samples.shape[1:-2] != batches[0].shape[1:-2]:
             raise ValueError(f"{NODE}: {where} has images of shape {tuple(samples.shape[1:])}, "
                              f"the first {tuple(batches[0].shape[1:])}: they must match but "
@@ -190,7 +183,7 @@ def _per_image(conditioning: list, sizes: list[int], count: int, latent_name: st
         return [entry for cond, n in zip(conditioning, sizes) for entry in
                 (cond * n if len(cond) == 1 else cond)]
     raise ValueError(f"{NODE}: {cond_name} has {len(entries)} entries for {count} images in "
-                     f"{latent_name}: give one conditioning, or one per image")
+                     f"{latent_name}: give one, or one per image (or one per LATENT of a list)")
 
 
 def _weights(latent: dict, count: int, where: str) -> torch.Tensor | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 import comfy.model_management
 import comfy.samplers
@@ -14,7 +13,8 @@ from comfy_api.latest import io
 import sparse_core as sc
 
 from . import effects, explorer
-from .common import CATEGORY, SparseAtomsType, check_finite, check_latent_for_model, send_text
+from .common import (CATEGORY, SparseAtomsType, check_finite, conditioning_per_image, latent_images,
+                     send_text)
 from .patching import apply_to_model, check_fit
 
 log = logging.getLogger("sparse_atoms")
@@ -92,8 +92,7 @@ class MeasureAtomEffects(io.ComfyNode):
                 vae=None):
         check_finite(NODE, alone_strength=alone_strength, cfg=cfg)
         check_fit(model, sparse_atoms)
-        render_latent = _samples(latent, "latent")
-        check_latent_for_model(model, render_latent, "latent", NODE)
+        render_latent = latent_images(latent, "latent", NODE, model)
         if not positive or not negative:
             raise ValueError(f"{NODE}: {'positive' if not positive else 'negative'} is empty")
         settings = explorer.SamplerSettings(seed, steps, cfg, sampler_name, scheduler)
@@ -106,15 +105,10 @@ class MeasureAtomEffects(io.ComfyNode):
             calibration_latents = {"samples": explorer.sample(
                 apply_to_model(model, sparse_atoms, 1.0), positive, negative, empty, settings,
                 progress.sampling_step)}
-        samples = _samples(calibration_latents, "calibration_latents")
-        check_latent_for_model(model, samples, "calibration_latents", NODE)
-        if not bool(torch.isfinite(samples).all()):
-            raise ValueError(f"{NODE}: calibration_latents contain NaN or inf")
-        conds = calibration_conditioning or positive
-        if len(conds) not in (1, len(samples)):
-            raise ValueError(f"{NODE}: calibration_conditioning has {len(conds)} entries for "
-                             f"{len(samples)} calibration images: give one, or one per image")
-        calibration = effects.Calibration(samples, list(conds), noise_levels=noise_levels,
+        samples = latent_images(calibration_latents, "calibration_latents", NODE, model)
+        conds = conditioning_per_image(calibration_conditioning or positive, len(samples),
+                                       "calibration_conditioning", "calibration_latents", NODE)
+        calibration = effects.Calibration(samples, conds, noise_levels=noise_levels,
                                           seed=seed, batch_size=batch_size)
         try:
             measured = effects.measure(model, sparse_atoms, calibration, exact_top=exact_top,
@@ -166,14 +160,6 @@ class _Progress:
         self.bar.update_absolute(min(999, int(1000 * fraction)), 1000)
         send_text(text, self.node_id)
         comfy.model_management.throw_exception_if_processing_interrupted()
-
-
-def _samples(latent, name: str):
-    samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not hasattr(samples, "ndim") or samples.ndim < 4 or samples.shape[0] == 0:
-        raise ValueError(f"{NODE}: {name} must be a LATENT with at least one image, got "
-                         f"{getattr(samples, 'shape', type(samples).__name__)}")
-    return samples
 
 
 def _labels(atoms: sc.SparseAtoms, top_n: int) -> list[str]:

@@ -21,7 +21,7 @@ import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io
 
-from .common import CATEGORY, TrainingSamplesType, check_finite, loss_picture
+from .common import CATEGORY, TrainingSamplesType, check_finite, latent_images, loss_picture
 from .explorer import to_rgb
 
 NODE = "Sparse Training Samples"
@@ -99,11 +99,7 @@ class SparseTrainingSamples(io.ComfyNode):
         if negative is None and abs(cfg - 1.0) > 1e-9:
             raise ValueError(f"{NODE}: cfg {cfg:g} guides away from the negative prompt: wire "
                              "negative, or set cfg to 1")
-        samples = latent.get("samples") if isinstance(latent, dict) else None
-        if not isinstance(samples, torch.Tensor) or samples.ndim < 4 or samples.shape[0] == 0:
-            raise ValueError(f"{NODE}: latent must be a LATENT with at least one image")
-        if not bool(torch.isfinite(samples).all()):
-            raise ValueError(f"{NODE}: latent contains NaN or inf")
+        samples = latent_images(latent, "latent", NODE)
         for name, value, options in (
                 ("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
                 ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):

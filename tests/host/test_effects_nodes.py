@@ -261,14 +261,14 @@ def test_bad_inputs_are_clear_errors(node_classes):
     with pytest.raises(ValueError, match="Measure Atom Effects: negative is empty"):
         measure(node_classes, sd15, atoms, "sd15", negative=[])
     three = tiny_models.conditioning("sd15") * 3
-    with pytest.raises(ValueError, match="calibration_conditioning has 3 entries for 2 calibration images"):
+    with pytest.raises(ValueError, match="calibration_conditioning has 3 entries for 2 images in calibration_latents"):
         measure(node_classes, sd15, atoms, "sd15", calibration_conditioning=three)
     with pytest.raises(ValueError, match="latent must be a LATENT with at least one image"):
         measure(node_classes, sd15, atoms, "sd15", latent={"samples": torch.zeros(0, 4, 16, 16)})
     with pytest.raises(ValueError, match="calibration_latents has 16 channels"):
         measure(node_classes, sd15, atoms, "sd15", calibration_latents=tiny_models.latents("flux", 2))
     nan = {"samples": torch.full((2, 4, 16, 16), float("nan"))}
-    with pytest.raises(ValueError, match="Measure Atom Effects: calibration_latents contain NaN or inf"):
+    with pytest.raises(ValueError, match="Measure Atom Effects: calibration_latents contains NaN or inf"):
         measure(node_classes, sd15, atoms, "sd15", calibration_latents=nan)
     huge = {"samples": torch.full((2, 4, 16, 16), 1e30)}  # finite, but the model overflows on it
     with pytest.raises(ValueError, match=r"^Measure Atom Effects: the model's prediction on "

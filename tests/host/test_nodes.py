@@ -168,7 +168,7 @@ def test_bad_inputs_are_clear_errors_and_nothing_is_written(node_classes, comfy_
         run_node(node_classes["SparseAtoms_Apply"], model=sdxl, sparse_atoms=trained, strength=1.0, density=1.0)
     with pytest.raises(ValueError, match="do not fit this SDXL model"):
         train(node_classes, "sdxl", sdxl, atoms_sd15, steps=2)
-    with pytest.raises(ValueError, match="latents is an empty batch"):
+    with pytest.raises(ValueError, match="latents must be a LATENT with at least one image, got an empty batch"):
         train(node_classes, "sd15", sd15, atoms_sd15, steps=2, latents={"samples": torch.zeros(0, 4, 16, 16)})
     two = tiny_models.conditioning("sd15") + tiny_models.conditioning("sd15", seed=1)
     with pytest.raises(ValueError, match="3 entries for 4 images"):
