@@ -7,7 +7,12 @@
         fonts-sil-gentiumplus fonts-sil-charis fonts-sil-andika fonts-texgyre fonts-cmu \\
         fonts-lmodern fonts-comic-neue fonts-cabin fonts-noto-core fonts-noto-mono fonts-go \\
         fonts-croscore fonts-adf-accanthis fonts-adf-gillius fonts-adf-universalis \\
-        fonts-adf-berenis fonts-adf-baskervald fonts-adf-verana fonts-font-awesome
+        fonts-adf-berenis fonts-adf-baskervald fonts-adf-verana fonts-font-awesome \
+        fonts-dancingscript fonts-kaushanscript fonts-kristi fonts-lobster \
+        fonts-levien-typoscript fonts-rufscript fonts-dkg-handwriting fonts-breip \
+        fonts-femkeklaver fonts-humor-sans fonts-joscelyn fonts-ecolier-court \
+        fonts-leckerli-one fonts-apropal fonts-okolaks fonts-national-park fonts-havana \
+        fonts-klaudia-berenika fonts-bwht
     pip install fonttools
     python -m glyphs.render --out glyphs/data      # writes glyphs.npz (all) + eval_pack.npz
 
@@ -20,8 +25,9 @@ styles come from the font's name table (IDs 16/17, else 1/2), weight from OS/2 `
 italic from OS/2 ``fsSelection`` / ``head.macStyle`` / the italic angle, the class from PANOSE
 (``bFamilyType`` 3 script, 4 display; ``bProportion`` 9 or ``post.isFixedPitch`` mono;
 ``bSerifStyle`` 11-13 sans, 2-10 serif) and, where PANOSE is unset, from the family name (words
-like Sans, Mono, Serif, Script), else from the capital I's foot (:func:`serif_from_shape`);
-``class_source`` says which. One font per (family, style).
+like Sans, Mono, Serif, Script), for the script and display packages from their Debian
+description (:data:`PACKAGE_CLASSES`), else from the capital I's foot
+(:func:`serif_from_shape`); ``class_source`` says which. One font per (family, style).
 
 The split (fixed by :data:`SEED`): at least 10 % of the families of every class held out, in
 whole typeface groups (a family name's first word within a class, so near-twins such as Latin
@@ -50,6 +56,16 @@ SEED = 0
 HELD_OUT_SHARE = 0.10
 PACKAGES = __doc__.split("apt-get install")[1].split("pip install")[0].replace("\\", " ").split()
 CLASSES = ("serif", "sans", "mono", "script", "display")
+# Script and display packages whose fonts leave PANOSE unset: their class, as the package's own
+# Debian description gives it ("lively casual script", "fat display typeface", ...)
+PACKAGE_CLASSES = {
+    **dict.fromkeys(("fonts-dancingscript", "fonts-kaushanscript", "fonts-kristi", "fonts-lobster",
+                     "fonts-levien-typoscript", "fonts-rufscript", "fonts-dkg-handwriting",
+                     "fonts-breip", "fonts-femkeklaver", "fonts-humor-sans", "fonts-joscelyn",
+                     "fonts-ecolier-court", "fonts-havana", "fonts-bwht"), "script"),
+    **dict.fromkeys(("fonts-leckerli-one", "fonts-apropal", "fonts-okolaks",
+                     "fonts-national-park", "fonts-klaudia-berenika"), "display"),
+}
 FONT_SUFFIXES = (".ttf", ".otf", ".pfb", ".t1")
 
 
@@ -226,6 +242,8 @@ def main(argv=None):
             dropped[path] = "a character draws nothing or the .notdef box"
             continue
         seen.add((meta["family"], meta["style"]))
+        if package in PACKAGE_CLASSES and meta["class_source"] != "panose":
+            meta.update({"class": PACKAGE_CLASSES[package], "class_source": "package"})
         if meta["class"] is None:
             meta.update({"class": serif_from_shape(rendered), "class_source": "glyph shape"})
         fonts.append({**meta, "package": package, "font_file": os.path.basename(path)})
