@@ -6,6 +6,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import torch
 
 from glyphs import render
 
@@ -81,3 +82,32 @@ def test_one_rule_puts_every_glyph_on_the_baseline():
     bottom = lambda c: int(np.flatnonzero((images[render.CHARS.index(c)] > 96).any(1)).max())
     assert bottom("x") == bottom("H") == bottom("0") <= render.BASELINE  # the baseline
     assert bottom("g") > render.BASELINE  # descenders go below it
+
+
+def test_glyph_prompts_name_the_character_then_its_typeface():
+    from glyphs import prompts
+
+    tokens = prompts.tokenize("g serif bold italic")
+    assert tokens.shape == (prompts.LENGTH,)
+    assert [prompts.VOCAB[t] for t in tokens[:5]] == ["<bos>", "g", "serif", "bold", "italic"]
+    assert prompts.tokenize("G")[1] != prompts.tokenize("g")[1]  # case matters
+    assert prompts.typeface_words("sans", 700, True) == ["sans", "bold", "italic"]
+    assert prompts.typeface_words("mono", 300, False) == ["mono", "light"]
+    with pytest.raises(ValueError, match="'gothic' is not in the glyph vocabulary"):
+        prompts.tokenize("g gothic")
+    with pytest.raises(ValueError, match="at most 5 words"):
+        prompts.tokenize("g serif bold italic light sks")
+
+
+def test_the_character_reader_reads_real_unseen_fonts():
+    """Its floor: fit on four fifths of the held-out fonts, it reads the other fifth."""
+    pytest.importorskip("sklearn")
+    from glyphs.evaluator import CharacterReader
+
+    reader = CharacterReader.fit()
+    assert reader.held_out_accuracy >= 0.95
+    pack = np.load(PACK)
+    real = torch.from_numpy(pack["images"][:3].astype(np.float32) / 127.5 - 1).reshape(-1, 1, 32, 32)
+    asked = list(render.CHARS) * 3
+    assert reader.legibility(real, asked) >= 0.95
+    assert reader.legibility(torch.zeros(10, 1, 32, 32) - 1, ["A"] * 10) <= 0.1  # blank is no A
