@@ -21,13 +21,11 @@ loop itself is :func:`sparse_core.train_atoms`, shared with the standalone demo.
 
 from __future__ import annotations
 
-import logging
 import numbers
 from dataclasses import dataclass, field
 
 import torch
 
-import comfy.model_management
 import comfy.samplers
 
 import sparse_core as sc
@@ -38,9 +36,6 @@ from .guided import run_guided, saved_tensor_copies
 from .objective import (LOSS_TYPES, LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, draw_levels, image_errors,
                         level_weights, prediction_scale)
 from .previews import draw_samples
-
-log = logging.getLogger("sparse_atoms")
-
 
 TRAINING_DTYPES = ("fp32", "bf16")
 
