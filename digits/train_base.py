@@ -30,6 +30,24 @@ from .prompts import HELD_OUT, LENGTH, TRAINED_DIGITS, VOCAB, tokenize, tokenize
 from .sampling import sample
 
 
+def flow_matching_loss(dit, encoder, x0, prompt, generator) -> torch.Tensor:
+    """``mean((dit(x_s, 1000 s, encoder(prompt)) - (noise - x0))^2)`` at ``x_s = (1 - s) x0 +
+    s noise``, ``s ~ U(0, 1)`` per image (noise drawn first, then ``s``, from ``generator``)."""
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.rand(len(x0), generator=generator)
+    s = sigma[:, None, None, None]
+    x = (1 - s) * x0 + s * noise
+    return (dit(x, sigma * 1000, encoder(prompt)) - (noise - x0)).pow(2).mean()
+
+
+def update_ema(pairs, decay: float) -> None:
+    """Each ``(ema, live)`` module pair: ``ema <- decay * ema + (1 - decay) * live``."""
+    with torch.no_grad():
+        for ema, live in pairs:
+            for e, p in zip(ema.parameters(), live.parameters()):
+                e.lerp_(p, 1 - decay)
+
+
 def evaluate(dit, encoder, evaluator, per_digit=24, seed=1234) -> dict:
     """Digit accuracy per attribute prefix (``""`` = plain prompts) and each attribute's measured
     strength: the sample statistic with the attribute over without, next to the real images'."""
@@ -83,19 +101,12 @@ def main():
         x0, prompt = attributes.apply_each(images[index], chosen), tokenize_many(prompts)
         drop = torch.rand(args.batch, generator=generator) < 0.1
         prompt[drop] = empty
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.rand(args.batch, generator=generator)
-        s = sigma[:, None, None, None]
-        x = (1 - s) * x0 + s * noise
-        loss = (dit(x, sigma * 1000, encoder(prompt)) - (noise - x0)).pow(2).mean()
+        loss = flow_matching_loss(dit, encoder, x0, prompt, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
-            for ema, live in ((ema_dit, dit), (ema_encoder, encoder)):
-                for e, p in zip(ema.parameters(), live.parameters()):
-                    e.lerp_(p, 1 - args.ema)
+        update_ema(((ema_dit, dit), (ema_encoder, encoder)), args.ema)
         if step % 500 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
